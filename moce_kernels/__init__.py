@@ -1,0 +1,27 @@
+"""moce_kernels: the ops of the MoCE-IR engine.
+
+Each op lives in its own folder with a pure-PyTorch ``reference.py`` (its definition); the
+public function validates arguments and runs the backend chosen by ``backend=``.
+"""
+
+from moce_kernels._backend import BACKENDS
+from moce_kernels._extension import build_summary
+from moce_kernels.combine import combine
+from moce_kernels.dispatch import dispatch
+from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
+from moce_kernels.layernorm2d import layernorm2d
+from moce_kernels.route import RoutingPlan, route
+
+__all__ = [
+    "BACKENDS",
+    "RoutingPlan",
+    "build_summary",
+    "combine",
+    "dispatch",
+    "grouped_dwconv",
+    "layernorm2d",
+    "pack_dwconv_weights",
+    "pack_rows",
+    "route",
+]
+__version__ = "0.1.0"

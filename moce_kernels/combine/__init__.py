@@ -1,0 +1,49 @@
+"""``combine``: expert outputs back to image order, weighted by the gates, summed over k."""
+
+from __future__ import annotations
+
+import torch
+
+from moce_kernels._backend import resolve_backend
+from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moce_kernels._plan_checks import check_plan
+from moce_kernels.combine.reference import combine_reference
+from moce_kernels.route.reference import RoutingPlan
+
+__all__ = ["combine", "combine_reference"]
+
+
+def combine(
+    y: torch.Tensor,
+    plan: RoutingPlan,
+    gates: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Bring expert outputs back to image order: ``out[b] = sum_j gates[b, j] * y[inverse[b*k + j]]``.
+
+    Args:
+        y: [B * k, ...] float tensor of expert outputs in the plan's expert order.
+        plan: the :class:`~moce_kernels.RoutingPlan` that ordered them.
+        gates: optional [B, k] gates to use instead of ``plan.gates`` (for example gates that
+            carry autograd history from the router while the plan was built from detached ones).
+        backend: "auto" or "reference".
+
+    Returns:
+        [B, ...] tensor in ``y``'s dtype, accumulated in float32 in a fixed order (each output
+        element is written once: deterministic). Differentiable in ``y`` and ``gates``.
+
+    Raises:
+        TypeError / ValueError: wrong type, dtype, device, or a row count other than B * k.
+    """
+    check_tensor("y", y, dtypes=FLOAT_DTYPES)
+    plan = check_plan(plan, y.device)
+    if y.dim() < 1 or y.shape[0] != plan.batch_size * plan.k:
+        raise ValueError(
+            f"y must have B * k = {plan.batch_size * plan.k} rows (the plan's), got shape {tuple(y.shape)}"
+        )
+    if gates is not None:
+        check_tensor("gates", gates, ndim=2, dtypes=FLOAT_DTYPES, device=y.device)
+        check_shape("gates", gates, (plan.batch_size, plan.k))
+    resolve_backend("combine", backend, y.device, implemented=())
+    return combine_reference(y, plan, gates)

@@ -1,0 +1,42 @@
+"""Pure-PyTorch definition of ``combine``: expert outputs back to image order, gate-weighted."""
+
+from __future__ import annotations
+
+import torch
+
+from moce_kernels.route.reference import RoutingPlan
+
+
+def _expand(gates: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, k] -> [B, k, 1, ..., 1] to broadcast against [B, k, *like.shape[1:]]."""
+    return gates.view(*gates.shape, *([1] * (like.dim() - 1)))
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, gates, inverse, sorted_slots):
+        batch, k = gates.shape
+        rows = y.index_select(0, inverse).view(batch, k, *y.shape[1:])  # [B, k, ...]
+        out = (rows.float() * _expand(gates.float(), y)).sum(1).to(y.dtype)
+        ctx.save_for_backward(y, gates, inverse, sorted_slots)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, gates, inverse, sorted_slots = ctx.saved_tensors
+        batch, k = gates.shape
+        grad_y = grad_gates = None
+        if ctx.needs_input_grad[0]:
+            # Slot (b, j) receives gates[b, j] * grad_out[b]; sorted row i takes slot sorted_slots[i].
+            per_slot = (grad_out.float().unsqueeze(1) * _expand(gates.float(), y)).reshape(batch * k, *y.shape[1:])
+            grad_y = per_slot.index_select(0, sorted_slots).to(y.dtype)
+        if ctx.needs_input_grad[1]:
+            rows = y.index_select(0, inverse).view(batch, k, -1).float()
+            grad_gates = (rows * grad_out.float().reshape(batch, 1, -1)).sum(-1).to(gates.dtype)
+        return grad_y, grad_gates, None, None
+
+
+def combine_reference(y: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """See :func:`moce_kernels.combine` (arguments are assumed valid here)."""
+    gates = plan.gates if gates is None else gates
+    return _Combine.apply(y, gates, plan.inverse, plan.sorted_slots)

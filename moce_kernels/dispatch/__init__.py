@@ -1,0 +1,37 @@
+"""``dispatch``: gather images into expert order, as the routing plan says."""
+
+from __future__ import annotations
+
+import torch
+
+from moce_kernels._backend import resolve_backend
+from moce_kernels._checks import check_tensor
+from moce_kernels._plan_checks import check_plan
+from moce_kernels.dispatch.reference import dispatch_reference
+from moce_kernels.route.reference import RoutingPlan
+
+__all__ = ["dispatch", "dispatch_reference"]
+
+
+def dispatch(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
+    """Gather ``x`` into the plan's expert order.
+
+    Args:
+        x: [B, ...] tensor of any dtype (usually [B, C, H, W] features).
+        plan: the :class:`~moce_kernels.RoutingPlan` of these B images.
+        backend: "auto" or "reference".
+
+    Returns:
+        [B * k, ...] tensor: row ``i`` is ``x[plan.sorted_images[i]]``; expert e's inputs are rows
+        ``plan.offsets[e]:plan.offsets[e + 1]``. Differentiable in ``x``; the backward is a
+        gather that sums each image's k rows (deterministic, no atomics).
+
+    Raises:
+        TypeError / ValueError: ``x`` not a tensor, a plan for another batch size or device.
+    """
+    check_tensor("x", x)
+    plan = check_plan(plan, x.device)
+    if x.dim() < 1 or x.shape[0] != plan.batch_size:
+        raise ValueError(f"x must have batch size {plan.batch_size} (the plan's), got shape {tuple(x.shape)}")
+    resolve_backend("dispatch", backend, x.device, implemented=())
+    return dispatch_reference(x, plan)

@@ -1,0 +1,52 @@
+"""``layernorm2d``: LayerNorm over the channel axis of NCHW tensors, without transposes."""
+
+from __future__ import annotations
+
+import torch
+
+from moce_kernels._backend import resolve_backend
+from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moce_kernels.layernorm2d.reference import layernorm2d_reference
+
+__all__ = ["layernorm2d", "layernorm2d_reference"]
+
+
+def layernorm2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LayerNorm over C of a [B, C, H, W] tensor: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Args:
+        x: [B, C, H, W] float32 / bfloat16 / float16 / float64 (statistics in float32, or float64
+            for float64 input on the compiled path).
+        weight, bias: [C], on x's device.
+        eps: added to the population variance, > 0.
+        backend: "auto" (the compiled kernel of x's device when built, else the reference),
+            "reference", "cpu" (C++ kernel) or "cuda" (CUDA kernel).
+
+    Returns:
+        [B, C, H, W] in ``x``'s dtype. NaN/Inf in a pixel's channels propagate to that pixel.
+
+    Raises:
+        TypeError / ValueError: wrong type, rank, dtype, device or shape, eps <= 0.
+        RuntimeError: a compiled backend that is not built or not usable here (says how to fix).
+    """
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    channels = x.shape[1]
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    check_shape("weight", weight, (channels,))
+    check_shape("bias", bias, (channels,))
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    chosen = resolve_backend("layernorm2d", backend, x.device, implemented=("cpu", "cuda"))
+    if chosen == "reference":
+        return layernorm2d_reference(x, weight, bias, eps)
+    from moce_kernels.layernorm2d.compiled import layernorm2d_compiled  # noqa: PLC0415
+
+    return layernorm2d_compiled(x, weight, bias, eps)

@@ -1,0 +1,20 @@
+"""Pure-PyTorch definition of ``layernorm2d``: LayerNorm over the channels of NCHW, no transposes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def layernorm2d_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """``(x - mean_c) / sqrt(var_c + eps) * weight + bias`` at every pixel, population variance.
+
+    Computed in float32 (the same expression as the official "WithBias" LayerNorm), returned in
+    ``x``'s dtype.
+    """
+    xf = x.float()
+    mean = xf.mean(1, keepdim=True)  # [B, 1, H, W]
+    var = xf.var(1, keepdim=True, unbiased=False)
+    y = (xf - mean) / torch.sqrt(var + eps) * weight.float()[:, None, None] + bias.float()[:, None, None]
+    return y.to(x.dtype)
