@@ -10,6 +10,7 @@ from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
 from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
 from moce_kernels.layernorm2d import layernorm2d
+from moce_kernels.patch_fft_conv import patch_fft_conv
 from moce_kernels.route import RoutingPlan, route
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "layernorm2d",
     "pack_dwconv_weights",
     "pack_rows",
+    "patch_fft_conv",
     "route",
 ]
 __version__ = "0.1.0"

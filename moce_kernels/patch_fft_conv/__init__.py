@@ -1,0 +1,35 @@
+"""``patch_fft_conv``: the complexity experts' "FFT attention" product, per p x p patch."""
+
+from __future__ import annotations
+
+import torch
+
+from moce_kernels._backend import resolve_backend
+from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
+from moce_kernels.patch_fft_conv.reference import patch_fft_conv_reference
+
+__all__ = ["patch_fft_conv", "patch_fft_conv_reference"]
+
+
+def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str = "auto") -> torch.Tensor:
+    """Circular convolution of ``q`` and ``k`` inside each ``patch`` x ``patch`` patch.
+
+    Args:
+        q, k: [B, C, H, W] float tensors of equal shape; zero-padded at the bottom/right to
+            multiples of ``patch`` before being cut into patches.
+        patch: patch size >= 1 (the experts use 4, 8, 16, 32).
+        backend: "auto" or "reference".
+
+    Returns:
+        [B, C, H, W] float32 (the FFTs run in float32 whatever the input dtype).
+
+    Raises:
+        TypeError / ValueError: wrong rank, dtype, device or shape, patch < 1.
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
+    check_shape("k", k, q.shape)
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be an int >= 1, got {patch!r}")
+    resolve_backend("patch_fft_conv", backend, q.device, implemented=())
+    return patch_fft_conv_reference(q, k, patch)

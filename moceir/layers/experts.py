@@ -1,0 +1,110 @@
+"""Complexity experts: low-rank "FFT attention" blocks of growing width and patch size.
+
+All experts of an adapter run together (``run_experts``): rows sorted by expert, each expert on
+its own rows only, the depthwise convolutions of every expert in one ``grouped_dwconv`` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moce_kernels import grouped_dwconv, layernorm2d, pack_dwconv_weights, pack_rows, patch_fft_conv
+from moceir.layers.attention import depthwise
+from moceir.layers.norm import LayerNorm2d
+
+
+class FFTAttention(nn.Module):
+    """Expert body on r channels. Parameters only; the computation is in ``run_experts``.
+
+    q = q_dwconv(q(x)); k, v = kv_dwconv(kv(x)); per p x p patch, the circular convolution of q
+    and k (in float32); LayerNorm over channels; times v; proj_out.
+    """
+
+    def __init__(self, rank: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.q = nn.Conv2d(rank, rank, 1, bias=False)
+        self.q_dwconv = depthwise(rank, 3, bias=True)
+        self.kv = nn.Conv2d(rank, rank * 2, 1, bias=False)
+        self.kv_dwconv = depthwise(rank * 2, 7, bias=True)
+        self.norm = LayerNorm2d(rank)
+        self.proj_out = nn.Conv2d(rank, rank, 1, bias=True)
+
+
+class ComplexityExpert(nn.Module):
+    """``expert(x, s) = proj[2](body(proj[0](x)) * silu(proj[1](s))) + x`` (rank r, patch p)."""
+
+    def __init__(self, dim: int, rank: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList(
+            [
+                nn.Conv2d(dim, rank, 1, bias=False),
+                nn.Conv2d(dim, rank, 1, bias=False),
+                nn.Conv2d(rank, dim, 1, bias=False),
+            ]
+        )
+        self.body = FFTAttention(rank, patch_size)
+
+    @property
+    def rank(self) -> int:
+        return self.proj[0].out_channels
+
+
+def _grouped_depthwise(
+    inputs: dict[int, torch.Tensor], convs: Sequence[nn.Conv2d], offsets: torch.Tensor, backend: str
+) -> dict[int, torch.Tensor]:
+    """Run expert e's depthwise conv ``convs[e]`` on ``inputs[e]``, all experts in one call."""
+    weight, bias, channels, kernel_sizes = pack_dwconv_weights(
+        [c.weight for c in convs], [c.bias for c in convs]
+    )
+    packed = pack_rows(list(inputs.values()), weight.shape[1])  # [N, C_max, H, W]
+    out = grouped_dwconv(packed, weight, bias, offsets, channels, kernel_sizes, backend=backend)
+    result, start = {}, 0
+    for e, t in inputs.items():
+        result[e] = out[start : start + t.shape[0], : channels[e]]
+        start += t.shape[0]
+    return result
+
+
+def run_experts(
+    experts: Sequence[ComplexityExpert],
+    x: torch.Tensor,
+    shared: torch.Tensor,
+    offsets: torch.Tensor,
+    depth: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Apply expert e to rows ``offsets[e]:offsets[e + 1]`` of ``x`` / ``shared`` ([N, C, H, W]).
+
+    Experts with no rows do not run. ``depth`` > 1 chains the expert on its own output (the
+    official code re-processed the input instead; the two agree at depth 1). Reads the offsets
+    on the host once (the reference backend sizes each expert's batch with them).
+    """
+    bounds = offsets.tolist()
+    rows = {e: slice(bounds[e], bounds[e + 1]) for e in range(len(experts)) if bounds[e + 1] > bounds[e]}
+    if not rows:  # no rows at all (an empty batch)
+        return x.new_zeros(x.shape)
+    feats = {e: x[r] for e, r in rows.items()}
+    gating = {e: F.silu(experts[e].proj[1](shared[r])) for e, r in rows.items()}
+    bodies = [ex.body for ex in experts]
+    for _ in range(depth):
+        h = {e: experts[e].proj[0](f) for e, f in feats.items()}
+        q = _grouped_depthwise({e: bodies[e].q(t) for e, t in h.items()}, [b.q_dwconv for b in bodies], offsets, backend)
+        kv = _grouped_depthwise(
+            {e: bodies[e].kv(t) for e, t in h.items()}, [b.kv_dwconv for b in bodies], offsets, backend
+        )
+        new_feats = {}
+        for e, f in feats.items():
+            body = bodies[e]
+            k, v = kv[e].chunk(2, dim=1)
+            fft = patch_fft_conv(q[e], k, body.patch_size, backend=backend)  # float32
+            normed = layernorm2d(fft, body.norm.body.weight, body.norm.body.bias, body.norm.eps, backend=backend)
+            # normed is float32 (as in the official code); back to the features' dtype for proj_out.
+            out = body.proj_out((normed * v).to(v.dtype))
+            new_feats[e] = experts[e].proj[2](out * gating[e]) + f
+        feats = new_feats
+    return torch.cat(list(feats.values()), 0)

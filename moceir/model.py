@@ -1,0 +1,168 @@
+"""MoCE-IR: a Restormer-style U-Net whose decoder blocks hold mixtures of complexity experts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moce_kernels import BACKENDS
+from moce_kernels._checks import FLOAT_DTYPES, check_finite, check_tensor
+from moceir.config import CONFIG_FIELDS, CONFIGS, MoCEIRConfig
+from moceir.layers.adapter import MoCELayer
+from moceir.layers.blocks import (
+    DecoderBlock,
+    DecoderGroup,
+    Downsample,
+    EncoderGroup,
+    FrequencyEmbedding,
+    Upsample,
+)
+
+#: H and W must be multiples of this inside the network (three 2x down-samplings).
+SIZE_MULTIPLE = 8
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """Pad H, W at the bottom/right to multiples of ``multiple``: by reflection, or by replication
+    where the image is too small to reflect (reflection needs the pad to be smaller than the side)."""
+    pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+class MoCEIR(nn.Module):
+    """The MoCE-IR network; ``state_dict()`` matches the official release key for key.
+
+    Differences from the official code (all on by default, see the README):
+    each image is routed on its own at any batch size; eval is deterministic unless
+    ``eval_noise=True``; ``expert_depth`` > 1 chains; the model runs fully cast to bf16/fp16;
+    any H x W works (reflect-padded to a multiple of 8, cropped back).
+
+    After each forward, ``total_loss`` holds the routing auxiliary loss (sum over the decoder
+    blocks / their number; 0 in eval). Training adds ``0.01 * model.total_loss``.
+    """
+
+    def __init__(self, config: MoCEIRConfig | None = None, backend: str = "auto", check_inputs: bool = True):
+        super().__init__()
+        cfg = config or MoCEIRConfig()
+        self.config = cfg
+        self.check_inputs = check_inputs
+        levels = len(cfg.num_blocks)
+        if len(cfg.heads) != levels or len(cfg.num_dec_blocks) != levels - 1:
+            raise ValueError(
+                f"heads must have {levels} entries and num_dec_blocks {levels - 1} (one per level), "
+                f"got {cfg.heads} and {cfg.num_dec_blocks}"
+            )
+        if len(cfg.expert_patch_sizes()) != cfg.num_experts:
+            raise ValueError(f"patch_sizes must have num_experts = {cfg.num_experts} entries")
+        dims = [cfg.dim * 2**i for i in range(levels)]
+
+        # Registration order reproduces the official state-dict order.
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(cfg.in_channels, cfg.dim, 3, padding=1, bias=False)
+        self.freq_embed = FrequencyEmbedding(dims[-1])
+        self.enc = nn.ModuleList(
+            nn.ModuleList(
+                [EncoderGroup(dims[i], cfg.heads[i], cfg.num_blocks[i], cfg.ffn_expansion), Downsample(dims[i])]
+            )
+            for i in range(levels - 1)
+        )
+        self.latent = EncoderGroup(dims[-1], cfg.heads[-1], cfg.num_blocks[-1], cfg.ffn_expansion)
+        self.dec = nn.ModuleList()
+        for i in range(levels - 1):
+            width_in, width = dims[levels - 1 - i], dims[levels - 2 - i]
+            heads = cfg.heads[levels - 2 - i]
+            blocks = [
+                DecoderBlock(width, heads, cfg.ffn_expansion, False, self._adapter(width, dims[-1]))
+                for _ in range(cfg.num_dec_blocks[i])
+            ]
+            self.dec.append(
+                nn.ModuleList([Upsample(width_in), nn.Conv2d(width_in, width, 1, bias=False), DecoderGroup(blocks)])
+            )
+        self.refinement = EncoderGroup(cfg.dim, cfg.heads[0], cfg.num_refinement_blocks, cfg.ffn_expansion)
+        self.output = nn.Conv2d(cfg.dim, cfg.out_channels, 3, padding=1, bias=False)
+        self.total_loss: torch.Tensor = torch.zeros(())
+        self.backend = "auto"
+        self.set_backend(backend)
+
+    def _adapter(self, width: int, freq_dim: int) -> MoCELayer:
+        cfg = self.config
+        return MoCELayer(
+            width,
+            freq_dim,
+            ranks=cfg.expert_ranks(width),
+            patch_sizes=cfg.expert_patch_sizes(),
+            top_k=cfg.top_k,
+            expert_depth=cfg.expert_depth,
+            noise_std=cfg.noise_std,
+            complexity_bias=cfg.complexity_bias,
+            eval_noise=cfg.eval_noise,
+        )
+
+    def adapters(self) -> list[MoCELayer]:
+        """The mixture-of-experts layers, in forward order (deepest decoder level first)."""
+        return [m for m in self.modules() if isinstance(m, MoCELayer)]
+
+    def set_backend(self, backend: str) -> MoCEIR:
+        """Choose the kernels every op runs with ("auto", "reference", "cpu", "cuda", "triton").
+
+        Only the kernels change, never the parameters or the state dict.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+        return self
+
+    def routing_choices(self) -> list[torch.Tensor]:
+        """The experts chosen by the last forward: one [B, k] int64 tensor per adapter."""
+        return [a.last_plan.experts for a in self.adapters() if a.last_plan is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Restore ``x`` ([B, 3, H, W], float, any H x W); returns the same shape and dtype."""
+        if self.check_inputs:
+            check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+            if x.shape[1] != self.config.in_channels:
+                raise ValueError(
+                    f"x must have {self.config.in_channels} channels ([B, C, H, W]), got shape {tuple(x.shape)}"
+                )
+            check_finite("x", x)
+        height, width = x.shape[-2:]
+        inp = pad_to_multiple(x)
+        feats = self.patch_embed.proj(inp)
+        skips = []
+        for group, down in self.enc:
+            feats = group(feats)
+            skips.append(feats)
+            feats = down(feats)
+        feats = self.latent(feats)
+        freq_emb = self.freq_embed(feats)
+        for up, fuse, group in self.dec:
+            feats = fuse(torch.cat([up(feats), skips.pop()], dim=1))
+            feats = group(feats, freq_emb)
+        feats = self.refinement(feats)
+        out = self.output(feats) + inp
+        adapters = self.adapters()
+        self.total_loss = torch.stack([a.loss.float() for a in adapters]).sum() / len(adapters)
+        return out[..., :height, :width]
+
+
+def build_model(name: str = "moce_ir_s", backend: str = "auto", **overrides) -> MoCEIR:
+    """Build ``"moce_ir_s"`` (11.5 M parameters) or ``"moce_ir"`` (25.4 M), randomly initialised.
+
+    ``overrides`` replace fields of :class:`~moceir.config.MoCEIRConfig` (for example
+    ``top_k=2``, ``noise_std=0.1``, ``complexity_bias=False``, ``eval_noise=True``).
+    Load weights with :func:`moceir.load_checkpoint`.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"name must be one of {sorted(CONFIGS)}, got {name!r}")
+    unknown = set(overrides) - CONFIG_FIELDS
+    if unknown:
+        raise TypeError(f"unknown build_model arguments {sorted(unknown)}; valid: {sorted(CONFIG_FIELDS)}")
+    return MoCEIR(dataclasses.replace(CONFIGS[name], **overrides), backend=backend)
