@@ -1,0 +1,62 @@
+# Everyday targets. `make demo` and `make test` work on a fresh machine: they create .venv,
+# install torch 2.14.1 (a CUDA 13.0 build that brings Triton) and the project, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+# Compile the CUDA kernels whenever nvcc exists, GPU or not (so a CUDA compile error fails CI).
+ifneq ($(shell command -v nvcc 2>/dev/null),)
+export FORCE_CUDA ?= 1
+endif
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
+
+.PHONY: demo test test-fast build bench lint format clean help
+
+help:
+	@echo "make demo   - set up .venv, build, restore the bundled samples"
+	@echo "make test   - set up .venv, build, run the test suite"
+	@echo "make build  - (re)build moce_kernels._C incrementally"
+	@echo "make bench  - op and model benchmarks on this machine's providers"
+	@echo "make lint   - ruff check + format check"
+
+# Third-party dependencies, once per change of pyproject.toml.
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)" setuptools wheel ninja pybind11
+	$(PIP) install --quiet numpy pillow scikit-image scipy safetensors tqdm matplotlib \
+		pytest hypothesis expecttest ruff
+	touch $@
+
+# The project itself (editable) with its compiled module.
+$(VENV)/.installed: $(VENV)/.deps setup.py $(CSRC)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.installed
+
+demo: build
+	$(PY) -m moceir demo
+
+test: build
+	$(PY) -m pytest -q
+
+test-fast: build
+	$(PY) -m pytest -q -x -m "not slow"
+
+bench: build
+	$(PY) -m benchmarks.run --output benchmarks/results
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.deps
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf build *.egg-info moce_kernels/_C*.so $(VENV)/.installed

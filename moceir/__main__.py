@@ -1,0 +1,5 @@
+import sys
+
+from moceir.cli import main
+
+sys.exit(main())
