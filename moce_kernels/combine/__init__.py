@@ -30,8 +30,9 @@ def combine(
         backend: "auto" or "reference".
 
     Returns:
-        [B, ...] tensor in ``y``'s dtype, accumulated in float32 in a fixed order (each output
-        element is written once: deterministic). Differentiable in ``y`` and ``gates``.
+        [B, ...] tensor in ``y``'s dtype, accumulated in float32 (float64 for float64 inputs) in a
+        fixed order (each output element is written once: deterministic). Differentiable in ``y``
+        and ``gates``.
 
     Raises:
         TypeError / ValueError: wrong type, dtype, device, or a row count other than B * k.

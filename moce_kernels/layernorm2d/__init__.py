@@ -23,7 +23,7 @@ def layernorm2d(
 
     Args:
         x: [B, C, H, W] float32 / bfloat16 / float16 / float64 (statistics in float32, or float64
-            for float64 input on the compiled path).
+            for float64 input).
         weight, bias: [C], on x's device.
         eps: added to the population variance, > 0.
         backend: "auto" (the compiled kernel of x's device when built, else the reference),

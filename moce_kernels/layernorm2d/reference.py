@@ -10,11 +10,12 @@ def layernorm2d_reference(
 ) -> torch.Tensor:
     """``(x - mean_c) / sqrt(var_c + eps) * weight + bias`` at every pixel, population variance.
 
-    Computed in float32 (the same expression as the official "WithBias" LayerNorm), returned in
-    ``x``'s dtype.
+    Computed in float32, or float64 for float64 input (the same expression as the official
+    "WithBias" LayerNorm), returned in ``x``'s dtype.
     """
-    xf = x.float()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
     mean = xf.mean(1, keepdim=True)  # [B, 1, H, W]
     var = xf.var(1, keepdim=True, unbiased=False)
-    y = (xf - mean) / torch.sqrt(var + eps) * weight.float()[:, None, None] + bias.float()[:, None, None]
+    y = (xf - mean) / torch.sqrt(var + eps) * weight.to(acc)[:, None, None] + bias.to(acc)[:, None, None]
     return y.to(x.dtype)
