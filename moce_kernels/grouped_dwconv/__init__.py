@@ -28,9 +28,9 @@ def grouped_dwconv(
     Args:
         x: [N, C_max, H, W] float rows sorted by expert; expert e owns rows
             ``offsets[e]:offsets[e + 1]`` and their first ``channels[e]`` channels.
-        weight: [E, C_max, K_max, K_max] packed kernels (see :func:`pack_dwconv_weights`);
+        weight: [E, C_max, K_max, K_max] packed kernels in x's dtype (see :func:`pack_dwconv_weights`);
             expert e's K_e x K_e kernel sits centred in the window; entries outside it are ignored.
-        bias: [E, C_max] or None.
+        bias: [E, C_max] in x's dtype, or None.
         offsets: [E + 1] int64 row offsets (``RoutingPlan.offsets``), starting at 0, ending at N.
         channels: E ints, 1 <= channels[e] <= C_max.
         kernel_sizes: E odd ints in 3..9, each <= K_max (K_max odd).
@@ -46,12 +46,12 @@ def grouped_dwconv(
         the host).
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=4, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("weight", weight, ndim=4, dtypes=(x.dtype,), device=x.device)
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64, torch.int32), device=x.device)
     num_experts, c_max, k_max = weight.shape[0], x.shape[1], weight.shape[-1]
     check_shape("weight", weight, (num_experts, c_max, k_max, k_max))
     if bias is not None:
-        check_tensor("bias", bias, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+        check_tensor("bias", bias, ndim=2, dtypes=(x.dtype,), device=x.device)
         check_shape("bias", bias, (num_experts, c_max))
     check_shape("offsets", offsets, (num_experts + 1,))
     if len(channels) != num_experts or len(kernel_sizes) != num_experts:
@@ -63,6 +63,8 @@ def grouped_dwconv(
         raise ValueError(f"weight's kernel window K_max must be odd, got {k_max}")
     for e, (c, k) in enumerate(zip(channels, kernel_sizes)):
         check_kernel_size(f"kernel_sizes[{e}]", k)
+        if isinstance(c, bool) or not isinstance(c, int):
+            raise TypeError(f"channels[{e}] must be an int, got {type(c).__name__}")
         if k > k_max:
             raise ValueError(f"kernel_sizes[{e}] = {k} exceeds weight's window K_max = {k_max}")
         if not 1 <= c <= c_max:

@@ -29,7 +29,7 @@ def grouped_dwconv_reference(
     kernel_sizes: Sequence[int],
 ) -> torch.Tensor:
     """See :func:`moce_kernels.grouped_dwconv`; ``offsets`` is a host list here."""
-    num_rows, c_max, height, width = x.shape
+    c_max = x.shape[1]
     k_max = weight.shape[-1]
     pieces = []
     for e, (c, k) in enumerate(zip(channels, kernel_sizes)):
@@ -42,7 +42,9 @@ def grouped_dwconv_reference(
         y = F.conv2d(x[lo:hi, :c], w, b, padding=k // 2, groups=c)
         pieces.append(F.pad(y, (0, 0, 0, 0, 0, c_max - c)))  # channels past c are zero
     if not pieces:
-        return x.new_zeros(0, c_max, height, width) if num_rows == 0 else x.new_zeros(x.shape)
+        # N = 0: an empty result that still belongs to the autograd graph of x and weight.
+        out = x * 0 + weight.sum() * 0
+        return out if bias is None else out + bias.sum() * 0
     return torch.cat(pieces, 0)
 
 

@@ -26,7 +26,7 @@ def route(
         k: number of experts per image, 1 <= k <= E.
         noise: optional [B, E] tensor added to the logits before the softmax that picks the
             gates (training noise; the caller draws it, so it is reproducible).
-        check_values: reject NaN/Inf logits. This reads one value on the host, so the default
+        check_values: reject NaN/Inf logits and noise. This reads one value on the host, so the default
             (None) checks CPU tensors only and leaves device tensors sync-free.
         backend: "auto" or "reference" (the only implementation so far).
 
@@ -36,7 +36,7 @@ def route(
 
     Raises:
         TypeError / ValueError: wrong type, rank, dtype, device or shape; k outside 1..E;
-        NaN/Inf in the logits (when ``check_values``).
+        NaN/Inf in the logits or the noise (when ``check_values``).
     """
     check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     num_experts = logits.shape[1]
@@ -51,5 +51,7 @@ def route(
         check_shape("noise", noise, logits.shape)
     if check_values or (check_values is None and logits.device.type == "cpu"):
         check_finite("logits", logits)
+        if noise is not None:
+            check_finite("noise", noise)
     resolve_backend("route", backend, logits.device, implemented=())
     return route_reference(logits, k, noise)

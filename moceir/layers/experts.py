@@ -62,6 +62,9 @@ def _grouped_depthwise(
         [c.weight for c in convs], [c.bias for c in convs]
     )
     packed = pack_rows(list(inputs.values()), weight.shape[1])  # [N, C_max, H, W]
+    # Under autocast the activations may be bf16/fp16 while the parameters stay float32.
+    weight = weight.to(packed.dtype)
+    bias = None if bias is None else bias.to(packed.dtype)
     out = grouped_dwconv(packed, weight, bias, offsets, channels, kernel_sizes, backend=backend)
     result, start = {}, 0
     for e, t in inputs.items():

@@ -135,8 +135,11 @@ def test_int32_offsets():
 def test_no_rows_at_all():
     weights, biases, x, offsets = make_case((3, 5), (3, 7), (0, 0), 5, 4)
     assert x.shape == (0, 5, 5, 4) and offsets.tolist() == [0, 0, 0]
-    out = run_op(weights, biases, x, offsets)
+    out, grad_x, grad_w, grad_b = run_op(weights, biases, x, offsets, grad_out=torch.ones(0, 5, 5, 4))
     assert out.shape == (0, 5, 5, 4) and out.dtype == torch.float32
+    # Still part of the graph: gradients exist (and are zero) for x and every weight and bias.
+    assert grad_x.shape == x.shape
+    assert all(g is not None and not g.any() for g in (*grad_w, *grad_b))
 
 
 def test_weight_entries_outside_each_kernel_are_ignored_and_get_no_gradient():
@@ -269,6 +272,9 @@ BAD_INPUTS = [
     ),
     pytest.param(dict(channels=[3, 6]), ValueError, "channels", id="channels-above-cmax"),
     pytest.param(dict(channels=[0, 5]), ValueError, "channels", id="channels-zero"),
+    pytest.param(dict(channels=[2.5, 5]), TypeError, "channels", id="channels-float"),
+    pytest.param(dict(weight=torch.randn(2, 5, 5, 5, dtype=torch.float64)), TypeError, "weight", id="weight-dtype"),
+    pytest.param(dict(bias=torch.randn(2, 5, dtype=torch.bfloat16)), TypeError, "bias", id="bias-dtype"),
     pytest.param(dict(channels=[3]), ValueError, "channels", id="channels-too-short"),
     pytest.param(dict(kernel_sizes=[3, 5, 5]), ValueError, "kernel_sizes", id="kernel-sizes-too-long"),
     pytest.param(dict(offsets=torch.tensor([0, 1, 2])), ValueError, "offsets", id="offsets-not-ending-at-N"),

@@ -216,6 +216,7 @@ BAD_INPUTS = [
         "logits",
         id="nan-check-values",
     ),
+    pytest.param(dict(noise=torch.full((2, 4), math.nan)), ValueError, "noise", id="noise-nan"),
     pytest.param(dict(backend="fast"), ValueError, "backend", id="backend-unknown"),
     pytest.param(dict(backend="triton"), RuntimeError, "not implemented", id="backend-triton"),
     pytest.param(dict(backend="cuda"), RuntimeError, "not implemented", id="backend-cuda"),
