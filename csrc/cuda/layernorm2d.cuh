@@ -1,0 +1,281 @@
+// CUDA kernel bodies of layernorm2d (LayerNorm over C of a contiguous [B, C, H, W] tensor).
+//
+// Layout: pixel p of image b, channel c lives at x[(b * C + c) * N + p], N = H * W. Each thread
+// owns VEC adjacent pixels of one image and loops over C, so at every step of the loop the
+// threads of a warp read adjacent addresses (coalesced), VEC at a time (128-bit accesses when
+// VEC * sizeof(T) == 16). T is float, double, c10::Half or c10::BFloat16; acc_t (float, or
+// double for double) holds every sum.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace moce::cuda {
+
+constexpr int kWarpSize = 32;
+
+// VEC elements of T, moved as one access of sizeof(T) * VEC bytes (16: a 128-bit access).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T val[VEC];
+};
+
+// The raw word a Pack travels as (uint4 / uint2 / unsigned int / unsigned short), so that a Pack
+// is one vector instruction: a plain struct copy may be split into VEC scalar accesses.
+template <int BYTES>
+struct Word;
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+
+// ptr must be aligned to sizeof(T) * VEC bytes.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ ptr) {
+  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
+  const W word = *reinterpret_cast<const W*>(ptr);
+  Pack<T, VEC> pack;
+  memcpy(&pack, &word, sizeof(pack));
+  return pack;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* __restrict__ ptr, const Pack<T, VEC>& pack) {
+  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
+  W word;
+  memcpy(&word, &pack, sizeof(pack));
+  // __stwb (st.global.wb, the default caching) rather than a plain store: nvcc splits a plain
+  // store of the word back into VEC scalar stores in some kernels.
+  __stwb(reinterpret_cast<W*>(ptr), word);
+}
+
+__device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
+
+// Sum over the 32 lanes in a fixed order; the result is valid in lane 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// y = (x - mean) * rstd * w + b over C at every pixel; writes mean and rstd ([B, N]).
+//
+// One pass for the statistics: sums of x - x[c = 0] (the "shifted data" algorithm), which keeps
+// the float32 sums free of the cancellation of a plain sum of squares when |mean| >> std.
+template <typename T, typename acc_t, int VEC>
+__global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N]
+                                       const acc_t* __restrict__ w,  // [C]
+                                       const acc_t* __restrict__ b,  // [C]
+                                       T* __restrict__ y,            // [B, C, N]
+                                       acc_t* __restrict__ mean,     // [B, N]
+                                       acc_t* __restrict__ rstd,     // [B, N]
+                                       int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
+                                       acc_t eps) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total_packs) return;
+  const int64_t bi = t / packs_per_image;
+  const int64_t p = (t - bi * packs_per_image) * VEC;
+  const T* xb = x + bi * C * N + p;
+  T* yb = y + bi * C * N + p;
+
+  acc_t shift[VEC];
+  acc_t s1[VEC];
+  acc_t s2[VEC];
+  {
+    const Pack<T, VEC> v = load_pack<T, VEC>(xb);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      shift[i] = static_cast<acc_t>(v.val[i]);
+      s1[i] = acc_t(0);
+      s2[i] = acc_t(0);
+    }
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const Pack<T, VEC> v = load_pack<T, VEC>(xb + c * N);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const acc_t d = static_cast<acc_t>(v.val[i]) - shift[i];
+      s1[i] += d;
+      s2[i] += d * d;
+    }
+  }
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  acc_t mu[VEC];
+  acc_t rs[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const acc_t m1 = s1[i] * inv_c;
+    acc_t var = s2[i] * inv_c - m1 * m1;
+    // Rounding can make var slightly negative; the comparison keeps NaN (NaN < 0 is false).
+    var = var < acc_t(0) ? acc_t(0) : var;
+    mu[i] = shift[i] + m1;
+    rs[i] = rsqrt_acc(var + eps);
+    mean[bi * N + p + i] = mu[i];
+    rstd[bi * N + p + i] = rs[i];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const Pack<T, VEC> v = load_pack<T, VEC>(xb + c * N);
+    const acc_t wc = w[c];
+    const acc_t bc = b[c];
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      out.val[i] = static_cast<T>((static_cast<acc_t>(v.val[i]) - mu[i]) * rs[i] * wc + bc);
+    }
+    store_pack<T, VEC>(yb + c * N, out);
+  }
+}
+
+// grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)), g = grad_y * w, at every pixel.
+// Also the per-warp partial sums of grad_weight (grad_y * xhat) and grad_bias (grad_y) of every
+// channel: partial_w[c * num_warps + warp]; layernorm2d_bwd_weight_kernel adds them up in a
+// fixed order, so grad_weight and grad_bias are deterministic (no atomics).
+template <typename T, typename acc_t, int VEC>
+__global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C, N]
+                                       const T* __restrict__ x,         // [B, C, N]
+                                       const acc_t* __restrict__ w,     // [C]
+                                       const acc_t* __restrict__ mean,  // [B, N]
+                                       const acc_t* __restrict__ rstd,  // [B, N]
+                                       T* __restrict__ dx,              // [B, C, N]
+                                       acc_t* __restrict__ partial_w,   // [C, num_warps]
+                                       acc_t* __restrict__ partial_b,   // [C, num_warps]
+                                       int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
+                                       int64_t num_warps) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t warp = t / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  // Whole warps past the end leave (warp-uniform, so the shuffles below see all 32 lanes);
+  // idle lanes of the last warp stay and contribute zeros.
+  if (warp * kWarpSize >= total_packs) return;
+  const bool active = t < total_packs;
+
+  int64_t offset = 0;
+  acc_t mu[VEC];
+  acc_t rs[VEC];
+  acc_t sum_g[VEC];
+  acc_t sum_gx[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    mu[i] = acc_t(0);
+    rs[i] = acc_t(0);
+    sum_g[i] = acc_t(0);
+    sum_gx[i] = acc_t(0);
+  }
+  if (active) {
+    const int64_t bi = t / packs_per_image;
+    const int64_t p = (t - bi * packs_per_image) * VEC;
+    offset = bi * C * N + p;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      mu[i] = mean[bi * N + p + i];
+      rs[i] = rstd[bi * N + p + i];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const Pack<T, VEC> xv = load_pack<T, VEC>(x + offset + c * N);
+      const Pack<T, VEC> dyv = load_pack<T, VEC>(dy + offset + c * N);
+      const acc_t wc = w[c];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t xhat = (static_cast<acc_t>(xv.val[i]) - mu[i]) * rs[i];
+        const acc_t g = static_cast<acc_t>(dyv.val[i]) * wc;
+        sum_g[i] += g;
+        sum_gx[i] += g * xhat;
+      }
+    }
+  }
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    sum_g[i] *= inv_c;
+    sum_gx[i] *= inv_c;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t gw = acc_t(0);
+    acc_t gb = acc_t(0);
+    if (active) {
+      const Pack<T, VEC> xv = load_pack<T, VEC>(x + offset + c * N);
+      const Pack<T, VEC> dyv = load_pack<T, VEC>(dy + offset + c * N);
+      const acc_t wc = w[c];
+      Pack<T, VEC> out;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t xhat = (static_cast<acc_t>(xv.val[i]) - mu[i]) * rs[i];
+        const acc_t dyi = static_cast<acc_t>(dyv.val[i]);
+        out.val[i] = static_cast<T>(rs[i] * (dyi * wc - sum_g[i] - xhat * sum_gx[i]));
+        gw += dyi * xhat;
+        gb += dyi;
+      }
+      store_pack<T, VEC>(dx + offset + c * N, out);
+    }
+    gw = warp_sum(gw);
+    gb = warp_sum(gb);
+    if (lane == 0) {
+      partial_w[c * num_warps + warp] = gw;
+      partial_b[c * num_warps + warp] = gb;
+    }
+  }
+}
+
+// grad_weight[c] and grad_bias[c]: one block per channel sums that channel's num_warps partials,
+// each thread a fixed strided subset, then a fixed tree over the block.
+template <typename acc_t, int THREADS>
+__global__ void layernorm2d_bwd_weight_kernel(const acc_t* __restrict__ partial_w,  // [C, num_warps]
+                                              const acc_t* __restrict__ partial_b,  // [C, num_warps]
+                                              acc_t* __restrict__ grad_w,           // [C]
+                                              acc_t* __restrict__ grad_b,           // [C]
+                                              int64_t num_warps) {
+  static_assert(THREADS % kWarpSize == 0 && THREADS <= kWarpSize * kWarpSize, "bad block size");
+  constexpr int kWarps = THREADS / kWarpSize;
+  __shared__ acc_t shared_w[kWarps];
+  __shared__ acc_t shared_b[kWarps];
+  const int64_t c = blockIdx.x;
+  const acc_t* pw = partial_w + c * num_warps;
+  const acc_t* pb = partial_b + c * num_warps;
+  acc_t sw = acc_t(0);
+  acc_t sb = acc_t(0);
+  for (int64_t i = threadIdx.x; i < num_warps; i += THREADS) {
+    sw += pw[i];
+    sb += pb[i];
+  }
+  sw = warp_sum(sw);
+  sb = warp_sum(sb);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  if (lane == 0) {
+    shared_w[warp] = sw;
+    shared_b[warp] = sb;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    sw = lane < kWarps ? shared_w[lane] : acc_t(0);
+    sb = lane < kWarps ? shared_b[lane] : acc_t(0);
+    sw = warp_sum(sw);
+    sb = warp_sum(sb);
+    if (lane == 0) {
+      grad_w[c] = sw;
+      grad_b[c] = sb;
+    }
+  }
+}
+
+}  // namespace moce::cuda
