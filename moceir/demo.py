@@ -41,6 +41,7 @@ def run_demo(checkpoint: str | None, output_dir: Path, backend: str, device: str
     samples = degraded_samples()
     if not samples:
         raise SystemExit("no sample images found under moceir/assets/samples")
+    torch.manual_seed(0)  # random weights (without a checkpoint) are the same every run
     model = moceir.build_model("moce_ir_s", backend=backend)
     if checkpoint:
         moceir.load_checkpoint(model, checkpoint)
