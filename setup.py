@@ -118,7 +118,8 @@ def want_cuda() -> tuple[bool, str]:
 def extensions() -> list:
     with_cuda, cuda_home = want_cuda()
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    sources = [str(p.relative_to(ROOT)) for p in (CSRC / "module.cpp", CSRC / "layernorm2d.cpp")]
+    # Every C++ file in csrc/ (one per op, plus module.cpp); every .cu in csrc/cuda/.
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     define_macros: list[tuple[str, str | None]] = []
     if not with_cuda:
         log("building moce_kernels._C: C++ CPU kernels only (no CUDA kernels)")

@@ -51,16 +51,26 @@ def bench_layernorm2d(device, dtype, quick):
         g = torch.randn_like(x)
         io_bytes = 2 * x.numel() * x.element_size()
         for prov in providers(device):
-            def fwd(prov=prov):
+
+            def fwd(prov=prov, x=x, w=w, b=b):
                 return moce_kernels.layernorm2d(x, w, b, backend=prov)
 
-            def full(prov=prov):
-                torch.autograd.grad(fwd(prov), (x, w, b), g)
+            def full(prov=prov, x=x, w=w, b=b, g=g):
+                torch.autograd.grad(fwd(prov, x, w, b), (x, w, b), g)
 
             for mode, fn, nbytes in (("forward", fwd, io_bytes), ("full", full, 3 * io_bytes)):
                 ms = median_ms(fn, device)
-                rows.append({"op": "layernorm2d", "shape": list(shape), "dtype": str(dtype), "provider": prov,
-                             "mode": mode, "median_ms": ms, "gb_per_s": nbytes / ms / 1e6})
+                rows.append(
+                    {
+                        "op": "layernorm2d",
+                        "shape": list(shape),
+                        "dtype": str(dtype),
+                        "provider": prov,
+                        "mode": mode,
+                        "median_ms": ms,
+                        "gb_per_s": nbytes / ms / 1e6,
+                    }
+                )
     return rows
 
 
@@ -73,38 +83,57 @@ def bench_model(device, dtype, quick):
         for prov in providers(device):
             model.set_backend(prov)
 
-            def fwd():
+            def fwd(x=x):
                 with torch.inference_mode():
                     return model(x)
 
             ms = median_ms(fwd, device)
-            rows.append({"op": "moce_ir_s.forward", "shape": [batch, 3, h, w], "dtype": str(dtype),
-                         "provider": prov, "mode": "inference", "median_ms": ms,
-                         "images_per_s": batch / ms * 1e3})
+            rows.append(
+                {
+                    "op": "moce_ir_s.forward",
+                    "shape": [batch, 3, h, w],
+                    "dtype": str(dtype),
+                    "provider": prov,
+                    "mode": "inference",
+                    "median_ms": ms,
+                    "images_per_s": batch / ms * 1e3,
+                }
+            )
     return rows
 
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "device_type": device.type, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "build": _extension.build_summary(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "build": _extension.build_summary(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one shape per benchmark")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rows = bench_layernorm2d(device, torch.float32, args.quick) + bench_model(device, torch.float32, args.quick)
+    rows = bench_layernorm2d(device, torch.float32, args.quick) + bench_model(
+        device, torch.float32, args.quick
+    )
     env = environment(device)
     args.output.mkdir(parents=True, exist_ok=True)
     stamp = env["date"].replace(":", "").replace("-", "")
@@ -113,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{env['device']} | {env['build']} | torch {env['torch']} | {env['threads']} threads")
     print(f"{'op':<20} {'shape':<20} {'provider':<10} {'mode':<10} {'median ms':>10}")
     for r in rows:
-        print(f"{r['op']:<20} {'x'.join(map(str, r['shape'])):<20} {r['provider']:<10} {r['mode']:<10} "
-              f"{r['median_ms']:>10.3f}")
+        print(
+            f"{r['op']:<20} {'x'.join(map(str, r['shape'])):<20} {r['provider']:<10} {r['mode']:<10} "
+            f"{r['median_ms']:>10.3f}"
+        )
     print(f"wrote {path}")
 
 

@@ -1,8 +1,20 @@
-"""Backend names shared by every op, and how ``"auto"`` resolves."""
+"""Backend names shared by every op, how ``"auto"`` resolves, and where implementations live.
+
+An op ``<op>`` (folder ``moce_kernels/<op>/``) has an implementation for a backend when
+- "triton": ``moce_kernels/<op>/triton.py`` defines ``<op>_triton``;
+- "cpu" / "cuda": ``moce_kernels/<op>/compiled.py`` defines ``<op>_compiled`` (the module
+  registers the ``torch.ops.moce`` ops of ``moce_kernels._C``; the tensors' device picks the
+  CPU or CUDA kernel) and ``COMPILED_DEVICES`` names the devices it has kernels for.
+Each takes the same arguments as the op's reference function, already validated.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
 
 import torch
 
@@ -10,33 +22,86 @@ import torch
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, implemented: Iterable[str]) -> str:
-    """Return the concrete backend to run ``op`` with.
+@functools.cache
+def triton_usable() -> tuple[bool, str]:
+    """Whether Triton kernels can run here: a CUDA GPU, or the interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed (pip install triton)"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing triton, for testing)"
 
-    ``implemented`` lists the non-reference backends this op has. ``"auto"`` picks the compiled
-    kernel of the tensors' device when it is implemented and built, else the reference.
-    Raises ValueError for an unknown name and RuntimeError (saying how to fix it) for a backend
-    that is not implemented or not usable here.
+
+@functools.cache
+def _module(op: str, kind: str):
+    name = f"moce_kernels.{op}.{kind}"
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)
+
+
+@functools.cache
+def _has_file(op: str, kind: str) -> bool:
+    return importlib.util.find_spec(f"moce_kernels.{op}.{kind}") is not None
+
+
+def implemented(op: str) -> set[str]:
+    """The non-reference backends whose source exists for ``op`` (built or not)."""
+    found = set()
+    if _has_file(op, "triton"):
+        found.add("triton")
+    if _has_file(op, "compiled"):
+        found.update(("cpu", "cuda"))
+    return found
+
+
+def _compiled_usable(op: str, device_type: str) -> bool:
+    from moce_kernels import _extension  # noqa: PLC0415
+
+    if not (_has_file(op, "compiled") and _extension.is_built(device_type)):
+        return False
+    devices = getattr(_module(op, "compiled"), "COMPILED_DEVICES", ("cpu", "cuda"))
+    return device_type in devices
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """Return the concrete backend to run ``op`` with on ``device``.
+
+    ``"auto"``: on CUDA the CUDA kernel if built, else Triton, else the reference; on the CPU
+    the C++ kernel if built, else the reference. Raises ValueError for an unknown name and
+    RuntimeError (saying how to fix it) for a backend not implemented or not usable here.
     """
-    from moce_kernels import _extension
+    from moce_kernels import _extension  # noqa: PLC0415
 
-    implemented = set(implemented)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    have = implemented(op)
     if backend == "auto":
-        native = "cuda" if device.type == "cuda" else "cpu"
-        if native in implemented and _extension.is_built(native):
-            return native
+        if _compiled_usable(op, device.type):
+            return device.type
+        if device.type == "cuda" and "triton" in have and triton_usable()[0]:
+            return "triton"
         return "reference"
     if backend == "reference":
         return backend
-    if backend not in implemented:
+    if backend not in have:
         raise RuntimeError(
-            f"{op}: backend {backend!r} is not implemented yet; "
-            f"available: {sorted(implemented | {'reference'})}"
+            f"{op}: backend {backend!r} is not implemented yet; available: {sorted(have | {'reference'})}"
         )
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            raise RuntimeError(f"{op}: backend {backend!r} needs {backend} tensors, got {device}")
-        _extension.require(backend)
+    if backend == "triton":
+        ok, why = triton_usable()
+        if not ok:
+            raise RuntimeError(f"{op}: backend 'triton' cannot run here: {why}")
+        return backend
+    if device.type != backend:
+        raise RuntimeError(f"{op}: backend {backend!r} needs {backend} tensors, got {device}")
+    _extension.require(backend)
+    if not _compiled_usable(op, backend):
+        raise RuntimeError(f"{op}: the compiled module has no {backend} kernel for this op yet")
     return backend
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function that runs ``op`` on a resolved, non-reference ``backend``."""
+    kind = "triton" if backend == "triton" else "compiled"
+    return getattr(_module(op, kind), f"{op}_{kind}")

@@ -45,8 +45,7 @@ def require(kind: str = "cpu") -> ModuleType:
     if kind == "cuda":
         if not mod.built_with_cuda():
             raise RuntimeError(
-                "moce_kernels._C was built without CUDA kernels (no CUDA toolchain was found); "
-                + BUILD_HINT
+                "moce_kernels._C was built without CUDA kernels (no CUDA toolchain was found); " + BUILD_HINT
             )
         if not torch.cuda.is_available():
             raise RuntimeError("the cuda backend needs a CUDA GPU, and torch sees none")

@@ -89,7 +89,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         if unexpected:
             details.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
         raise ValueError(
-            f"checkpoint {path} does not fit this model ({type(model).__name__}): " + "; ".join(details)
+            f"checkpoint {path} does not fit this model ({type(model).__name__}): "
+            + "; ".join(details)
             + ". Is it the other configuration (moce_ir_s vs moce_ir)?"
         )
     model.load_state_dict(state, strict=strict)

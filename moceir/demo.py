@@ -47,8 +47,10 @@ def run_demo(checkpoint: str | None, output_dir: Path, backend: str, device: str
         moceir.load_checkpoint(model, checkpoint)
     model = model.to(device).eval()
     print(moce_kernels.build_summary())
-    print(f"model: MoCE-IR-S ({sum(p.numel() for p in model.parameters()):,} parameters), backend={backend}, "
-          f"device={device}, weights: {checkpoint or 'random (pass --checkpoint for real restoration)'}")
+    print(
+        f"model: MoCE-IR-S ({sum(p.numel() for p in model.parameters()):,} parameters), backend={backend}, "
+        f"device={device}, weights: {checkpoint or 'random (pass --checkpoint for real restoration)'}"
+    )
 
     degraded = [load_image(p) for _, p, _ in samples]
     clean = [load_image(c) for _, _, c in samples]
@@ -66,8 +68,10 @@ def run_demo(checkpoint: str | None, output_dir: Path, backend: str, device: str
 
     output_dir.mkdir(parents=True, exist_ok=True)
     h, w = batch.shape[-2:]
-    print(f"\nrestored {len(samples)} images of {h}x{w} in one batch: {elapsed * 1000:.0f} ms "
-          f"({elapsed * 1000 / len(samples):.0f} ms per image)")
+    print(
+        f"\nrestored {len(samples)} images of {h}x{w} in one batch: {elapsed * 1000:.0f} ms "
+        f"({elapsed * 1000 / len(samples):.0f} ms per image)"
+    )
     dec_names = [f"dec.{i} ({n} blocks)" for i, n in enumerate(model.config.num_dec_blocks)]
     print("experts chosen per decoder block (0 = cheapest ... 3 = widest), deepest level first:")
     header = f"{'image':<20} " + " | ".join(f"{d:<15}" for d in dec_names) + " | PSNR in -> out"
@@ -81,7 +85,9 @@ def run_demo(checkpoint: str | None, output_dir: Path, backend: str, device: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="official last.ckpt, .pt/.pth or .safetensors weights of MoCE-IR-S")
+    parser.add_argument(
+        "--checkpoint", help="official last.ckpt, .pt/.pth or .safetensors weights of MoCE-IR-S"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="where restored PNGs go")
     parser.add_argument("--backend", default="auto", choices=moce_kernels.BACKENDS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -68,7 +68,10 @@ class MoCEIR(nn.Module):
         self.freq_embed = FrequencyEmbedding(dims[-1])
         self.enc = nn.ModuleList(
             nn.ModuleList(
-                [EncoderGroup(dims[i], cfg.heads[i], cfg.num_blocks[i], cfg.ffn_expansion), Downsample(dims[i])]
+                [
+                    EncoderGroup(dims[i], cfg.heads[i], cfg.num_blocks[i], cfg.ffn_expansion),
+                    Downsample(dims[i]),
+                ]
             )
             for i in range(levels - 1)
         )
@@ -82,7 +85,9 @@ class MoCEIR(nn.Module):
                 for _ in range(cfg.num_dec_blocks[i])
             ]
             self.dec.append(
-                nn.ModuleList([Upsample(width_in), nn.Conv2d(width_in, width, 1, bias=False), DecoderGroup(blocks)])
+                nn.ModuleList(
+                    [Upsample(width_in), nn.Conv2d(width_in, width, 1, bias=False), DecoderGroup(blocks)]
+                )
             )
         self.refinement = EncoderGroup(cfg.dim, cfg.heads[0], cfg.num_refinement_blocks, cfg.ffn_expansion)
         self.output = nn.Conv2d(cfg.dim, cfg.out_channels, 3, padding=1, bias=False)
@@ -130,7 +135,8 @@ class MoCEIR(nn.Module):
             check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
             if x.shape[1] != self.config.in_channels:
                 raise ValueError(
-                    f"x must have {self.config.in_channels} channels ([B, C, H, W]), got shape {tuple(x.shape)}"
+                    f"x must have {self.config.in_channels} channels ([B, C, H, W]), "
+                    f"got shape {tuple(x.shape)}"
                 )
             check_finite("x", x)
         height, width = x.shape[-2:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_kernels._backend import resolve_backend
+from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels._plan_checks import check_plan
 from moce_kernels.combine.reference import combine_reference
@@ -27,7 +27,7 @@ def combine(
         plan: the :class:`~moce_kernels.RoutingPlan` that ordered them.
         gates: optional [B, k] gates to use instead of ``plan.gates`` (for example gates that
             carry autograd history from the router while the plan was built from detached ones).
-        backend: "auto" or "reference".
+        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``moce_kernels.BACKENDS``).
 
     Returns:
         [B, ...] tensor in ``y``'s dtype, accumulated in float32 (float64 for float64 inputs) in a
@@ -46,5 +46,7 @@ def combine(
     if gates is not None:
         check_tensor("gates", gates, ndim=2, dtypes=FLOAT_DTYPES, device=y.device)
         check_shape("gates", gates, (plan.batch_size, plan.k))
-    resolve_backend("combine", backend, y.device, implemented=())
-    return combine_reference(y, plan, gates)
+    chosen = resolve_backend("combine", backend, y.device)
+    if chosen == "reference":
+        return combine_reference(y, plan, gates)
+    return implementation("combine", chosen)(y, plan, gates)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_kernels._backend import resolve_backend
+from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import check_tensor
 from moce_kernels._plan_checks import check_plan
 from moce_kernels.dispatch.reference import dispatch_reference
@@ -19,7 +19,7 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> to
     Args:
         x: [B, ...] tensor of any dtype (usually [B, C, H, W] features).
         plan: the :class:`~moce_kernels.RoutingPlan` of these B images.
-        backend: "auto" or "reference".
+        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``moce_kernels.BACKENDS``).
 
     Returns:
         [B * k, ...] tensor: row ``i`` is ``x[plan.sorted_images[i]]``; expert e's inputs are rows
@@ -33,5 +33,7 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> to
     plan = check_plan(plan, x.device)
     if x.dim() < 1 or x.shape[0] != plan.batch_size:
         raise ValueError(f"x must have batch size {plan.batch_size} (the plan's), got shape {tuple(x.shape)}")
-    resolve_backend("dispatch", backend, x.device, implemented=())
-    return dispatch_reference(x, plan)
+    chosen = resolve_backend("dispatch", backend, x.device)
+    if chosen == "reference":
+        return dispatch_reference(x, plan)
+    return implementation("dispatch", chosen)(x, plan)

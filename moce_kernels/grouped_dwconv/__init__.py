@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moce_kernels._backend import resolve_backend
+from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_kernel_size, check_shape, check_tensor
 from moce_kernels.grouped_dwconv.reference import grouped_dwconv_reference, pack_dwconv_weights, pack_rows
 
@@ -34,7 +34,7 @@ def grouped_dwconv(
         offsets: [E + 1] int64 row offsets (``RoutingPlan.offsets``), starting at 0, ending at N.
         channels: E ints, 1 <= channels[e] <= C_max.
         kernel_sizes: E odd ints in 3..9, each <= K_max (K_max odd).
-        backend: "auto" or "reference".
+        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``moce_kernels.BACKENDS``).
 
     Returns:
         [N, C_max, H, W] in ``x``'s dtype; channels past ``channels[e]`` of expert e's rows are 0.
@@ -42,8 +42,8 @@ def grouped_dwconv(
 
     Raises:
         TypeError / ValueError: wrong rank, dtype, device or shape; an even or out-of-range kernel
-        size; offsets that are not a non-decreasing 0..N sequence (the reference reads them on
-        the host).
+        size; offsets that are not a non-decreasing 0..N sequence (checked on CPU tensors and by
+        the reference backend; on a GPU the fast backends trust offsets from a RoutingPlan).
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=4, dtypes=(x.dtype,), device=x.device)
@@ -61,7 +61,7 @@ def grouped_dwconv(
         )
     if k_max % 2 == 0:
         raise ValueError(f"weight's kernel window K_max must be odd, got {k_max}")
-    for e, (c, k) in enumerate(zip(channels, kernel_sizes)):
+    for e, (c, k) in enumerate(zip(channels, kernel_sizes, strict=True)):
         check_kernel_size(f"kernel_sizes[{e}]", k)
         if isinstance(c, bool) or not isinstance(c, int):
             raise TypeError(f"channels[{e}] must be an int, got {type(c).__name__}")
@@ -69,10 +69,19 @@ def grouped_dwconv(
             raise ValueError(f"kernel_sizes[{e}] = {k} exceeds weight's window K_max = {k_max}")
         if not 1 <= c <= c_max:
             raise ValueError(f"channels[{e}] must be in 1..C_max = 1..{c_max}, got {c}")
-    host_offsets = [int(o) for o in offsets.tolist()]
-    if host_offsets[0] != 0 or host_offsets[-1] != x.shape[0] or any(
-        a > b for a, b in zip(host_offsets, host_offsets[1:])
-    ):
-        raise ValueError(f"offsets must rise from 0 to N = {x.shape[0]}, got {host_offsets}")
-    resolve_backend("grouped_dwconv", backend, x.device, implemented=())
-    return grouped_dwconv_reference(x, weight, bias, host_offsets, channels, kernel_sizes)
+    chosen = resolve_backend("grouped_dwconv", backend, x.device)
+    if chosen == "reference" or x.device.type == "cpu":
+        # Checking the values reads them on the host: free on the CPU, a sync on a GPU, where
+        # the fast backends trust offsets that come from a RoutingPlan.
+        host_offsets = [int(o) for o in offsets.tolist()]
+        if (
+            host_offsets[0] != 0
+            or host_offsets[-1] != x.shape[0]
+            or any(a > b for a, b in zip(host_offsets[:-1], host_offsets[1:], strict=True))
+        ):
+            raise ValueError(f"offsets must rise from 0 to N = {x.shape[0]}, got {host_offsets}")
+        if chosen == "reference":
+            return grouped_dwconv_reference(x, weight, bias, host_offsets, channels, kernel_sizes)
+    return implementation("grouped_dwconv", chosen)(
+        x, weight, bias, offsets, list(channels), list(kernel_sizes)
+    )

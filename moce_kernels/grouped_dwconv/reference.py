@@ -32,7 +32,7 @@ def grouped_dwconv_reference(
     c_max = x.shape[1]
     k_max = weight.shape[-1]
     pieces = []
-    for e, (c, k) in enumerate(zip(channels, kernel_sizes)):
+    for e, (c, k) in enumerate(zip(channels, kernel_sizes, strict=True)):
         lo, hi = offsets[e], offsets[e + 1]
         if hi == lo:
             continue  # an expert no image chose does not run
@@ -64,7 +64,7 @@ def pack_dwconv_weights(
     kernel_sizes = [int(w.shape[-1]) for w in weights]
     c_max, k_max = max(channels), max(kernel_sizes)
     packed = []
-    for w, c, k in zip(weights, channels, kernel_sizes):
+    for w, c, k in zip(weights, channels, kernel_sizes, strict=True):
         p = (k_max - k) // 2
         packed.append(F.pad(w.squeeze(1), (p, p, p, p, 0, c_max - c)))
     packed_bias = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_kernels._backend import resolve_backend
+from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels.layernorm2d.reference import layernorm2d_reference
 
@@ -44,9 +44,7 @@ def layernorm2d(
     check_shape("bias", bias, (channels,))
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    chosen = resolve_backend("layernorm2d", backend, x.device, implemented=("cpu", "cuda"))
+    chosen = resolve_backend("layernorm2d", backend, x.device)
     if chosen == "reference":
         return layernorm2d_reference(x, weight, bias, eps)
-    from moce_kernels.layernorm2d.compiled import layernorm2d_compiled  # noqa: PLC0415
-
-    return layernorm2d_compiled(x, weight, bias, eps)
+    return implementation("layernorm2d", chosen)(x, weight, bias, eps)

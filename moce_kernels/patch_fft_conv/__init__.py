@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_kernels._backend import resolve_backend
+from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels.patch_fft_conv.reference import patch_fft_conv_reference
 
@@ -18,7 +18,7 @@ def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str
         q, k: [B, C, H, W] float tensors of equal shape; zero-padded at the bottom/right to
             multiples of ``patch`` before being cut into patches.
         patch: patch size >= 1 (the experts use 4, 8, 16, 32).
-        backend: "auto" or "reference".
+        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``moce_kernels.BACKENDS``).
 
     Returns:
         [B, C, H, W] float32 (the FFTs run in float32 whatever the input dtype).
@@ -31,5 +31,7 @@ def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str
     check_shape("k", k, q.shape)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise ValueError(f"patch must be an int >= 1, got {patch!r}")
-    resolve_backend("patch_fft_conv", backend, q.device, implemented=())
-    return patch_fft_conv_reference(q, k, patch)
+    chosen = resolve_backend("patch_fft_conv", backend, q.device)
+    if chosen == "reference":
+        return patch_fft_conv_reference(q, k, patch)
+    return implementation("patch_fft_conv", chosen)(q, k, patch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_kernels._backend import resolve_backend
+from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_finite, check_shape, check_tensor
 from moce_kernels.route.reference import RoutingPlan, route_reference
 
@@ -28,7 +28,7 @@ def route(
             gates (training noise; the caller draws it, so it is reproducible).
         check_values: reject NaN/Inf logits and noise. This reads one value on the host, so the default
             (None) checks CPU tensors only and leaves device tensors sync-free.
-        backend: "auto" or "reference" (the only implementation so far).
+        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``moce_kernels.BACKENDS``).
 
     Returns:
         A :class:`RoutingPlan`. Gates are the top-k probabilities of ``softmax(logits + noise)``,
@@ -53,5 +53,7 @@ def route(
         check_finite("logits", logits)
         if noise is not None:
             check_finite("noise", noise)
-    resolve_backend("route", backend, logits.device, implemented=())
-    return route_reference(logits, k, noise)
+    chosen = resolve_backend("route", backend, logits.device)
+    if chosen == "reference":
+        return route_reference(logits, k, noise)
+    return implementation("route", chosen)(logits, k, noise)

@@ -18,7 +18,9 @@ class Router(nn.Module):
     def __init__(self, dim: int, freq_dim: int, num_experts: int, complexity: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("complexity", complexity)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dim, num_experts, bias=False))
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dim, num_experts, bias=False)
+        )
         self.freq_gate = nn.Linear(freq_dim, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ class MoCELayer(nn.Module):
         self.backend = "auto"
         # The extra ModuleList level reproduces the official keys ``experts.<e>.0.*``.
         self.experts = nn.ModuleList(
-            nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes)
+            nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes, strict=True)
         )
         self.proj_out = nn.Conv2d(dim, dim, 1, bias=False)
         sizes = torch.tensor([sum(p.numel() for p in ex.parameters()) for ex in self.experts])

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, temperature: torch.Tensor):
+def channel_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, temperature: torch.Tensor
+):
     """softmax(normalize(q) @ normalize(k)^T * temperature) @ v over (C/heads x C/heads) maps.
 
     q, k, v: [B, C, H, W]; temperature: [heads, 1, 1]. Returns [B, C, H, W].

@@ -48,7 +48,9 @@ class DecoderBlock(nn.Module):
 class EncoderGroup(nn.Module):
     def __init__(self, dim: int, heads: int, num_blocks: int, ffn_expansion: float) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EncoderBlock(dim, heads, ffn_expansion, bias=True) for _ in range(num_blocks))
+        self.layers = nn.ModuleList(
+            EncoderBlock(dim, heads, ffn_expansion, bias=True) for _ in range(num_blocks)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

@@ -96,7 +96,9 @@ def run_experts(
     bodies = [ex.body for ex in experts]
     for _ in range(depth):
         h = {e: experts[e].proj[0](f) for e, f in feats.items()}
-        q = _grouped_depthwise({e: bodies[e].q(t) for e, t in h.items()}, [b.q_dwconv for b in bodies], offsets, backend)
+        q = _grouped_depthwise(
+            {e: bodies[e].q(t) for e, t in h.items()}, [b.q_dwconv for b in bodies], offsets, backend
+        )
         kv = _grouped_depthwise(
             {e: bodies[e].kv(t) for e, t in h.items()}, [b.kv_dwconv for b in bodies], offsets, backend
         )
@@ -105,7 +107,9 @@ def run_experts(
             body = bodies[e]
             k, v = kv[e].chunk(2, dim=1)
             fft = patch_fft_conv(q[e], k, body.patch_size, backend=backend)  # float32
-            normed = layernorm2d(fft, body.norm.body.weight, body.norm.body.bias, body.norm.eps, backend=backend)
+            normed = layernorm2d(
+                fft, body.norm.body.weight, body.norm.body.bias, body.norm.eps, backend=backend
+            )
             # normed is float32 (as in the official code); back to the features' dtype for proj_out.
             out = body.proj_out((normed * v).to(v.dtype))
             new_feats[e] = experts[e].proj[2](out * gating[e]) + f

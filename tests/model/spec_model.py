@@ -89,7 +89,9 @@ def normal_cdf(z):
 
 def adapter(p, n, x, freq_emb, shared, k, noise_std, training, complexity_bias, noise):
     """Returns (output, aux loss). ``noise`` is [B, E] (already scaled) or None."""
-    logits = x.mean((2, 3)) @ p[n + ".routing.gate.2.weight"].T + freq_emb @ p[n + ".routing.freq_gate.weight"].T
+    logits = (
+        x.mean((2, 3)) @ p[n + ".routing.gate.2.weight"].T + freq_emb @ p[n + ".routing.freq_gate.weight"].T
+    )
     noisy = logits if noise is None else logits + noise
     scores = noisy.softmax(-1)
     top_vals, top_idx = scores.topk(k, dim=-1)
@@ -134,8 +136,11 @@ def spec_forward(p, x, cfg, training=False, noise_fn=None):
         feats = encoder_block(p, f"latent.layers.{j}", feats)
     hp = dwconv(p, "freq_embed.high_conv.0.conv", feats)
     emb = F.gelu(hp).mean((2, 3))
-    emb = F.linear(F.gelu(F.linear(emb, p["freq_embed.mlp.0.weight"], p["freq_embed.mlp.0.bias"])),
-                   p["freq_embed.mlp.2.weight"], p["freq_embed.mlp.2.bias"])
+    emb = F.linear(
+        F.gelu(F.linear(emb, p["freq_embed.mlp.0.weight"], p["freq_embed.mlp.0.bias"])),
+        p["freq_embed.mlp.2.weight"],
+        p["freq_embed.mlp.2.bias"],
+    )
     losses = []
     for i in range(levels - 1):
         up = F.pixel_shuffle(conv(p, f"dec.{i}.0.body.0", feats, padding=1), 2)
@@ -148,8 +153,9 @@ def spec_forward(p, x, cfg, training=False, noise_fn=None):
             xa_in = conv(p, n + ".proj.1", h)
             logits_like = xa_in.new_zeros(xa_in.shape[0], cfg.num_experts)
             noise = None if noise_fn is None else noise_fn(logits_like)
-            xa, loss = adapter(p, n + ".adapter", xa_in, emb, xs, cfg.top_k, noise_std, training,
-                               cfg.complexity_bias, noise)
+            xa, loss = adapter(
+                p, n + ".adapter", xa_in, emb, xs, cfg.top_k, noise_std, training, cfg.complexity_bias, noise
+            )
             losses.append(loss)
             feats = cross_attention(p, n + ".mixer", xa, xs) + s
             feats = feats + ffn(p, n + ".ffn", layer_norm(p, n + ".norms.1", feats))

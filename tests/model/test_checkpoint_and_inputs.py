@@ -36,7 +36,7 @@ def test_official_lightning_checkpoint_loads_strict(model, tmp_path):
 def test_safetensors_round_trip_and_no_overwrite(model, tmp_path):
     path = moceir.save_checkpoint(model, tmp_path / "w.safetensors")
     fresh = moceir.load_checkpoint(moceir.build_model("moce_ir_s"), path)
-    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     before = path.read_bytes()
     with pytest.raises(FileExistsError, match="overwrite"):

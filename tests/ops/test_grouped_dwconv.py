@@ -273,7 +273,9 @@ BAD_INPUTS = [
     pytest.param(dict(channels=[3, 6]), ValueError, "channels", id="channels-above-cmax"),
     pytest.param(dict(channels=[0, 5]), ValueError, "channels", id="channels-zero"),
     pytest.param(dict(channels=[2.5, 5]), TypeError, "channels", id="channels-float"),
-    pytest.param(dict(weight=torch.randn(2, 5, 5, 5, dtype=torch.float64)), TypeError, "weight", id="weight-dtype"),
+    pytest.param(
+        dict(weight=torch.randn(2, 5, 5, 5, dtype=torch.float64)), TypeError, "weight", id="weight-dtype"
+    ),
     pytest.param(dict(bias=torch.randn(2, 5, dtype=torch.bfloat16)), TypeError, "bias", id="bias-dtype"),
     pytest.param(dict(channels=[3]), ValueError, "channels", id="channels-too-short"),
     pytest.param(dict(kernel_sizes=[3, 5, 5]), ValueError, "kernel_sizes", id="kernel-sizes-too-long"),
