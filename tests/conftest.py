@@ -6,10 +6,17 @@ hypothesis tests (which must not use function-scoped fixtures) can use them too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run on the CPU through the interpreter. Triton reads this when
+# it is imported, so it is set here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from moce_kernels import RoutingPlan, route
 
@@ -119,3 +126,20 @@ def make_routing() -> Callable[..., tuple[torch.Tensor, RoutingPlan]]:
 def expert_order() -> Callable[[list[list[int]], int], list[int]]:
     """``expert_order(experts_list, E) -> sorted slot ids``, computed independently of route."""
     return expert_order_impl
+
+
+def fast_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    """The non-reference backends of ``op`` that can run on ``device`` here (for parametrizing)."""
+    from moce_kernels import _backend  # noqa: PLC0415
+
+    device = torch.device(device)
+    usable = []
+    for backend in sorted(_backend.implemented(op)):
+        if backend in ("cpu", "cuda") and backend != device.type:
+            continue
+        try:
+            _backend.resolve_backend(op, backend, device)
+        except RuntimeError:
+            continue
+        usable.append(backend)
+    return usable
