@@ -7,15 +7,20 @@ tensors with the prefix ``net.``), plain ``torch.save`` state dicts, and safeten
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from moceir.config import CONFIG_FIELDS, MoCEIRConfig
 
 #: Prefixes the official training wrapper puts before the network's own keys.
 KNOWN_PREFIXES = ("net.", "model.", "module.")
@@ -66,12 +71,87 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return net or state
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load the weights in ``path`` into ``model`` (official ``last.ckpt``, .pt/.pth, .safetensors).
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """Number of distinct indices ``i`` for which some key matches ``pattern`` (with ``(\\d+)``)."""
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := rx.match(k))})
 
-    Raises ValueError listing missing/unexpected keys or mismatched shapes (with ``strict``).
+
+def infer_config(state: dict[str, torch.Tensor]) -> MoCEIRConfig:
+    """The architecture a MoCE-IR state dict was saved from (widths, depths, heads, experts).
+
+    ``top_k`` and the routing options are not stored in the tensors: they keep their defaults.
+    Raises ValueError for a state dict that is not MoCE-IR's.
     """
-    state = read_state_dict(path)
+    try:
+        dim, in_channels = state["patch_embed.proj.weight"].shape[:2]
+        out_channels = state["output.weight"].shape[0]
+        levels = _count(state, r"enc\.(\d+)\.0\.") + 1
+        num_blocks = tuple(_count(state, rf"enc\.{i}\.0\.layers\.(\d+)\.") for i in range(levels - 1))
+        num_blocks += (_count(state, r"latent\.layers\.(\d+)\."),)
+        num_dec = tuple(_count(state, rf"dec\.{i}\.2\.layers\.(\d+)\.") for i in range(levels - 1))
+        heads = tuple(state[f"enc.{i}.0.layers.0.mixer.temperature"].shape[0] for i in range(levels - 1))
+        heads += (state["latent.layers.0.mixer.temperature"].shape[0],)
+        num_experts = state["dec.0.2.layers.0.adapter.routing.complexity"].shape[0]
+        expansion = state["enc.0.0.layers.0.ffn.project_out.weight"].shape[1] / dim
+    except KeyError as e:
+        raise ValueError(f"not a MoCE-IR state dict: key {e} is missing") from e
+    return MoCEIRConfig(
+        dim=int(dim),
+        in_channels=int(in_channels),
+        out_channels=int(out_channels),
+        num_blocks=num_blocks,
+        num_dec_blocks=num_dec,
+        num_refinement_blocks=_count(state, r"refinement\.layers\.(\d+)\."),
+        heads=heads,
+        ffn_expansion=float(expansion),
+        num_experts=int(num_experts),
+    )
+
+
+def _stored_config(path: Path) -> dict:
+    """Configuration fields saved by ``save_checkpoint`` in the safetensors metadata, if any."""
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    fields = json.loads(meta.get("moceir_config", "{}"))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in CONFIG_FIELDS}
+
+
+def load_checkpoint(
+    model_or_path: nn.Module | str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    strict: bool = True,
+    backend: str = "auto",
+) -> nn.Module:
+    """Load weights (official ``last.ckpt``, .pt/.pth, or .safetensors).
+
+    ``load_checkpoint(model, path)`` loads into ``model``; ``load_checkpoint(path)`` builds the
+    model the file describes (MoCE-IR-S or MoCE-IR, inferred from the tensors and the saved
+    configuration) and loads it with ``strict=True``.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`read_state_dict`; ValueError listing missing or
+            unexpected keys and mismatched shapes when the file does not fit the model.
+    """
+    if path is None:
+        from moceir.model import MoCEIR  # noqa: PLC0415  (model imports this module)
+
+        src = Path(model_or_path)
+        state = read_state_dict(src)
+        config = dataclasses.replace(infer_config(state), **_stored_config(src))
+        model = MoCEIR(config, backend=backend)
+        _load_into(model, state, src, strict=True)
+        return model
+    if not isinstance(model_or_path, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model_or_path).__name__}")
+    _load_into(model_or_path, read_state_dict(path), path, strict)
+    return model_or_path
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path, strict: bool) -> None:
     own = model.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -94,12 +174,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             + ". Is it the other configuration (moce_ir_s vs moce_ir)?"
         )
     model.load_state_dict(state, strict=strict)
-    return model
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the model's weights as safetensors, atomically (temporary file, then rename).
 
+    The model's configuration (``model.config``, when it has one) goes into the file's metadata,
+    so ``load_checkpoint(path)`` rebuilds the same model.
     Raises FileExistsError rather than replace an existing file, unless ``overwrite``.
     """
     path = Path(path)
@@ -110,7 +191,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, overwrite: bool =
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(state, tmp)
+        config = getattr(model, "config", None)
+        meta = {"moceir_config": json.dumps(dataclasses.asdict(config))} if config is not None else None
+        save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

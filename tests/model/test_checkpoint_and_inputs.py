@@ -105,3 +105,37 @@ def test_bad_build_arguments():
         moceir.build_model("moce_ir_s", backend="tpu")
     with pytest.raises(RuntimeError, match="not implemented yet"):
         moceir.build_model("moce_ir_s", backend="triton").eval()(torch.rand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["moce_ir_s", "moce_ir"])
+def test_load_checkpoint_infers_the_configuration(name, tmp_path):
+    model = moceir.build_model(name)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()}}, path)
+    loaded = moceir.load_checkpoint(path)
+    assert loaded.config == model.config
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_saved_configuration_round_trips_including_routing_options(tmp_path):
+    small = dict(num_blocks=(1, 1, 1, 2), num_dec_blocks=(1, 2, 1), num_refinement_blocks=1)
+    model = moceir.build_model("moce_ir_s", top_k=2, eval_noise=True, noise_std=0.1, **small)
+    path = moceir.save_checkpoint(model, tmp_path / "small.safetensors")
+    loaded = moceir.load_checkpoint(path)
+    assert loaded.config == model.config
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = model.eval()(x)
+        torch.manual_seed(0)
+        b = loaded.eval()(x)
+    assert torch.equal(a, b)
+
+
+def test_load_checkpoint_rejects_a_foreign_state_dict(tmp_path):
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a MoCE-IR state dict"):
+        moceir.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(TypeError, match="nn.Module"):
+        moceir.load_checkpoint("not a model", tmp_path / "other.pt")
