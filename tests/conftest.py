@@ -17,8 +17,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
-from moce_kernels import RoutingPlan, route
+# A bounded example budget keeps CI fast; `pytest --hypothesis-profile=thorough` runs longer.
+settings.register_profile("ci", max_examples=20, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile("ci")
+
+from moce_kernels import RoutingPlan, route  # noqa: E402
 
 #: Routing patterns ``make_routing`` can force.
 #: - "random": Gaussian logits, every image picks its own experts.

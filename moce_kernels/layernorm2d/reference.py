@@ -16,6 +16,7 @@ def layernorm2d_reference(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(acc)
     mean = xf.mean(1, keepdim=True)  # [B, 1, H, W]
-    var = xf.var(1, keepdim=True, unbiased=False)
+    # torch.var warns on an empty batch; there is nothing to normalise then.
+    var = xf.var(1, keepdim=True, unbiased=False) if xf.numel() else torch.zeros_like(mean)
     y = (xf - mean) / torch.sqrt(var + eps) * weight.to(acc)[:, None, None] + bias.to(acc)[:, None, None]
     return y.to(x.dtype)

@@ -1,0 +1,135 @@
+"""Property-based parity: every fast backend of every op against the op's reference.
+
+The backends are discovered at collection time (``tests.conftest.fast_backends``), so a new
+``triton.py`` or ``compiled.py`` is covered as soon as it exists. Inputs vary over batch sizes
+(including 0 and 1), odd H x W down to 1 x 1, channel and expert counts, k, routing patterns,
+kernel sizes 3..9, dtypes and memory layouts (contiguous, channels_last, sliced).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import moce_kernels as mk
+from moce_kernels.grouped_dwconv.reference import pack_dwconv_weights
+from tests.conftest import fast_backends, make_routing_impl
+
+TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+DTYPES = st.sampled_from(list(TOL))
+PATTERNS = st.sampled_from(["random", "one_expert", "some_empty"])
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if kind == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "sliced":  # every other element of a wider tensor along the last axis
+        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+LAYOUTS = st.sampled_from(["contiguous", "channels_last", "sliced"])
+
+
+def close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+def backends_or_skip(op):
+    found = fast_backends(op)
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason=f"{op} has no fast backend here"))]
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("layernorm2d"))
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9)),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_layernorm2d(backend, shape, dtype, kind, data):
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(dtype)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    xs = layout(x, kind).requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    out = mk.layernorm2d(xs, w, b, backend=backend)
+    ref = mk.layernorm2d(xr, w, b, backend="reference")
+    close(out, ref, dtype)
+    if x.numel():
+        grad = torch.randn(shape, generator=g).to(dtype)
+        (gx,) = torch.autograd.grad(out, xs, grad)
+        (gr,) = torch.autograd.grad(ref, xr, grad)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(gx.float(), gr.float(), atol=atol * 20, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("grouped_dwconv"))
+@given(
+    num_experts=st.integers(1, 4),
+    rows=st.integers(0, 5),
+    hw=st.tuples(st.integers(1, 11), st.integers(1, 11)),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_grouped_dwconv(backend, num_experts, rows, hw, dtype, kind, data):
+    channels = [data.draw(st.integers(1, 6)) for _ in range(num_experts)]
+    kernels = [data.draw(st.sampled_from([3, 5, 7, 9])) for _ in range(num_experts)]
+    cuts = sorted(
+        data.draw(st.lists(st.integers(0, rows), min_size=num_experts - 1, max_size=num_experts - 1))
+    )
+    offsets = torch.tensor([0, *cuts, rows])
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    weights = [torch.randn(c, 1, k, k, generator=g) / k for c, k in zip(channels, kernels, strict=True)]
+    biases = [torch.randn(c, generator=g) for c in channels]
+    weight, bias, ch, ks = pack_dwconv_weights(weights, biases)
+    x = torch.randn(rows, max(channels), *hw, generator=g).to(dtype)
+    weight, bias = weight.to(dtype), bias.to(dtype)
+    out = mk.grouped_dwconv(layout(x, kind), weight, bias, offsets, ch, ks, backend=backend)
+    ref = mk.grouped_dwconv(x, weight, bias, offsets, ch, ks, backend="reference")
+    close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("route"))
+@given(batch=st.integers(1, 9), num_experts=st.integers(1, 8), pattern=PATTERNS, data=st.data())
+def test_route(backend, batch, num_experts, pattern, data):
+    k = data.draw(st.integers(1, num_experts))
+    logits, ref = make_routing_impl(batch, num_experts, k, pattern, seed=data.draw(st.integers(0, 2**16)))
+    plan = mk.route(logits, k, backend=backend)
+    for name in ("experts", "counts", "offsets", "sorted_slots", "sorted_images", "inverse"):
+        assert torch.equal(getattr(plan, name), getattr(ref, name)), name
+    for name in ("gates", "probs", "noisy_logits"):
+        torch.testing.assert_close(getattr(plan, name), getattr(ref, name), atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+@given(
+    batch=st.integers(1, 7),
+    num_experts=st.integers(1, 5),
+    pattern=PATTERNS,
+    feat=st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6)),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_dispatch_and_combine(op, batch, num_experts, pattern, feat, dtype, kind, data):
+    backends = fast_backends(op)
+    if not backends:
+        pytest.skip(f"{op} has no fast backend here")
+    k = data.draw(st.integers(1, num_experts))
+    _, plan = make_routing_impl(batch, num_experts, k, pattern, seed=data.draw(st.integers(0, 2**16)))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    rows = batch if op == "dispatch" else batch * k
+    x = torch.randn(rows, *feat, generator=g).to(dtype)
+    fn = getattr(mk, op)
+    ref = fn(x, plan, backend="reference")
+    for backend in backends:
+        close(fn(layout(x, kind), plan, backend=backend), ref, dtype)
