@@ -105,3 +105,29 @@ def implementation(op: str, backend: str) -> Callable:
     """The function that runs ``op`` on a resolved, non-reference ``backend``."""
     kind = "triton" if backend == "triton" else "compiled"
     return getattr(_module(op, kind), f"{op}_{kind}")
+
+
+def check_available(backend: str) -> None:
+    """Raise RuntimeError (saying why and how to fix it) unless ``backend`` can run here at all.
+
+    For a whole-model choice: the per-op fallback (:func:`op_backend`) handles the ops that have
+    no kernel of that backend yet.
+    """
+    from moce_kernels import _extension  # noqa: PLC0415
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        ok, why = triton_usable()
+        if not ok:
+            raise RuntimeError(f"backend 'triton' cannot run here: {why}")
+    elif backend in ("cpu", "cuda"):
+        _extension.require(backend)
+
+
+def op_backend(op: str, backend: str) -> str:
+    """The backend ``op`` runs with when a whole model asks for ``backend``: the op's own kernel
+    of that backend when it has one, else the reference ("auto" picks per op and device)."""
+    if backend in ("auto", "reference") or backend in implemented(op):
+        return backend
+    return "reference"

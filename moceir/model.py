@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moce_kernels import BACKENDS
+from moce_kernels._backend import check_available
 from moce_kernels._checks import FLOAT_DTYPES, check_finite, check_tensor
 from moceir.config import CONFIG_FIELDS, CONFIGS, MoCEIRConfig
 from moceir.layers.adapter import MoCELayer
@@ -114,12 +114,15 @@ class MoCEIR(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoCELayer)]
 
     def set_backend(self, backend: str) -> MoCEIR:
-        """Choose the kernels every op runs with ("auto", "reference", "cpu", "cuda", "triton").
+        """Choose the kernels the model runs with: "auto" (per op, the fastest available for the
+        tensors' device), "reference" (pure PyTorch), "cpu" (C++ kernels), "cuda" or "triton".
 
-        Only the kernels change, never the parameters or the state dict.
+        With "cpu", "cuda" or "triton", each op runs its kernel of that backend where it has one
+        and its reference otherwise. Only the kernels change, never the parameters or the
+        state dict. Raises ValueError for an unknown name and RuntimeError, saying why, for a
+        backend that cannot run here (no GPU, extension not built, Triton missing).
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_available(backend)
         for m in self.modules():
             if hasattr(m, "backend"):
                 m.backend = backend

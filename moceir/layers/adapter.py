@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moce_kernels import combine, dispatch, route
+from moce_kernels._backend import op_backend
 from moceir.layers.experts import ComplexityExpert, run_experts
 
 
@@ -104,7 +105,7 @@ class MoCELayer(nn.Module):
         if self.training or self.eval_noise:
             # The same draw as the official code (one randn_like per adapter and forward).
             noise = torch.randn_like(logits) * self.noise_std
-        plan = route(logits, self.top_k, noise, backend=self.backend)
+        plan = route(logits, self.top_k, noise, backend=op_backend("route", self.backend))
         self.last_plan = plan
         if self.training:
             noisy = logits if noise is None else logits + noise
@@ -115,10 +116,10 @@ class MoCELayer(nn.Module):
         experts = [ex[0] for ex in self.experts]
         y = run_experts(
             experts,
-            dispatch(x, plan, backend=self.backend),
-            dispatch(shared, plan, backend=self.backend),
+            dispatch(x, plan, backend=op_backend("dispatch", self.backend)),
+            dispatch(shared, plan, backend=op_backend("dispatch", self.backend)),
             plan.offsets,
             self.expert_depth,
             self.backend,
         )
-        return self.proj_out(combine(y, plan, backend=self.backend))
+        return self.proj_out(combine(y, plan, backend=op_backend("combine", self.backend)))

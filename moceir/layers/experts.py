@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moce_kernels import grouped_dwconv, layernorm2d, pack_dwconv_weights, pack_rows, patch_fft_conv
+from moce_kernels._backend import op_backend
 from moceir.layers.attention import depthwise
 from moceir.layers.norm import LayerNorm2d
 
@@ -65,7 +66,9 @@ def _grouped_depthwise(
     # Under autocast the activations may be bf16/fp16 while the parameters stay float32.
     weight = weight.to(packed.dtype)
     bias = None if bias is None else bias.to(packed.dtype)
-    out = grouped_dwconv(packed, weight, bias, offsets, channels, kernel_sizes, backend=backend)
+    out = grouped_dwconv(
+        packed, weight, bias, offsets, channels, kernel_sizes, backend=op_backend("grouped_dwconv", backend)
+    )
     result, start = {}, 0
     for e, t in inputs.items():
         result[e] = out[start : start + t.shape[0], : channels[e]]
@@ -106,9 +109,15 @@ def run_experts(
         for e, f in feats.items():
             body = bodies[e]
             k, v = kv[e].chunk(2, dim=1)
-            fft = patch_fft_conv(q[e], k, body.patch_size, backend=backend)  # float32
+            fft = patch_fft_conv(
+                q[e], k, body.patch_size, backend=op_backend("patch_fft_conv", backend)
+            )  # float32
             normed = layernorm2d(
-                fft, body.norm.body.weight, body.norm.body.bias, body.norm.eps, backend=backend
+                fft,
+                body.norm.body.weight,
+                body.norm.body.bias,
+                body.norm.eps,
+                backend=op_backend("layernorm2d", backend),
             )
             # normed is float32 (as in the official code); back to the features' dtype for proj_out.
             out = body.proj_out((normed * v).to(v.dtype))

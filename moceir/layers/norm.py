@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from moce_kernels import layernorm2d
+from moce_kernels._backend import op_backend
 
 
 class _Affine(nn.Module):
@@ -27,4 +28,5 @@ class LayerNorm2d(nn.Module):
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layernorm2d(x, self.body.weight, self.body.bias, self.eps, backend=self.backend)
+        backend = op_backend("layernorm2d", self.backend)
+        return layernorm2d(x, self.body.weight, self.body.bias, self.eps, backend=backend)
