@@ -1,153 +1,174 @@
 """Op and model benchmarks: every available provider against the reference, results to JSON.
 
-    python -m benchmarks.run [--output benchmarks/results] [--quick]
+    python -m benchmarks.run [--suite ops|models|all] [--output benchmarks/results]
+                             [--quick | --tiny] [--device cuda|cpu] [--budget SECONDS]
 
-On a GPU, times are medians of ``triton.testing.do_bench``; on the CPU, medians of
-``torch.utils.benchmark.Timer.blocked_autorange``. Each result carries the device, versions and
-commit it was measured with; never compare numbers from different runs or devices.
+Op benchmarks (benchmarks/ops.py): route, dispatch, combine, grouped_dwconv, layernorm2d and
+patch_fft_conv at MoCE-IR-S training shapes, providers "reference" plus every backend
+``moce_kernels._backend.resolve_backend`` accepts on the device (found at run time: a new
+``triton.py`` or ``compiled.py`` is picked up without editing this harness), modes forward /
+backward / full. Model benchmarks (benchmarks/models.py): inference, training step and one
+1920 x 1080 video frame per model backend, against the eager and the compiled reference.
+
+On a GPU, times are medians of ``triton.testing.do_bench``; on the CPU, of
+``torch.utils.benchmark``. Copy bandwidth and matmul rate are measured in the same run (the
+roofline). Each run writes one JSON file (device, versions, commit, date) under ``--output``,
+rewritten after every row so that a run stopped by ``--budget`` keeps what it measured; render
+them with ``python -m benchmarks.report``. Never compare numbers across runs or devices.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
-import statistics
-import subprocess
-from collections.abc import Callable
+import signal
+import sys
+import time
 from pathlib import Path
 
 import torch
 
-import moce_kernels
-import moceir
-from moce_kernels import _extension
+from benchmarks.common import OPS, SCHEMA, Deadline, ResultFile, ceilings, environment
+
+SUITES = ("ops", "models")
 
 
-def median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing  # noqa: PLC0415
-
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    from torch.utils.benchmark import Timer  # noqa: PLC0415
-
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5)
-    return statistics.median(m.times) * 1e3
-
-
-def providers(device: torch.device) -> list[str]:
-    native = "cuda" if device.type == "cuda" else "cpu"
-    return ["reference"] + ([native] if _extension.is_built(native) else [])
-
-
-def bench_layernorm2d(device, dtype, quick):
-    shapes = [(1, 32, 256, 256)] if quick else [(1, 32, 256, 256), (8, 64, 128, 128), (4, 256, 32, 32)]
-    rows = []
-    for shape in shapes:
-        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn_like(x)
-        io_bytes = 2 * x.numel() * x.element_size()
-        for prov in providers(device):
-
-            def fwd(prov=prov, x=x, w=w, b=b):
-                return moce_kernels.layernorm2d(x, w, b, backend=prov)
-
-            def full(prov=prov, x=x, w=w, b=b, g=g):
-                torch.autograd.grad(fwd(prov, x, w, b), (x, w, b), g)
-
-            for mode, fn, nbytes in (("forward", fwd, io_bytes), ("full", full, 3 * io_bytes)):
-                ms = median_ms(fn, device)
-                rows.append(
-                    {
-                        "op": "layernorm2d",
-                        "shape": list(shape),
-                        "dtype": str(dtype),
-                        "provider": prov,
-                        "mode": mode,
-                        "median_ms": ms,
-                        "gb_per_s": nbytes / ms / 1e6,
-                    }
-                )
-    return rows
-
-
-def bench_model(device, dtype, quick):
-    sizes = [(1, 128, 128)] if quick else [(1, 128, 128), (4, 128, 128)]
-    rows = []
-    model = moceir.build_model("moce_ir_s").to(device=device, dtype=dtype).eval()
-    for batch, h, w in sizes:
-        x = torch.rand(batch, 3, h, w, device=device, dtype=dtype)
-        for prov in providers(device):
-            model.set_backend(prov)
-
-            def fwd(x=x):
-                with torch.inference_mode():
-                    return model(x)
-
-            ms = median_ms(fwd, device)
-            rows.append(
-                {
-                    "op": "moce_ir_s.forward",
-                    "shape": [batch, 3, h, w],
-                    "dtype": str(dtype),
-                    "provider": prov,
-                    "mode": "inference",
-                    "median_ms": ms,
-                    "images_per_s": batch / ms * 1e3,
-                }
-            )
-    return rows
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "device": name,
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "build": _extension.build_summary(),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="one shape per benchmark")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    rows = bench_layernorm2d(device, torch.float32, args.quick) + bench_model(
-        device, torch.float32, args.quick
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    size.add_argument("--tiny", action="store_true", help="toy sizes: checks that everything runs")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument(
+        "--workloads", default="inference,training,video", help="comma-separated model workloads"
     )
+    parser.add_argument(
+        "--dtypes",
+        default=None,
+        help="op dtypes, e.g. float32,bfloat16 (default: both on GPU, float32 on CPU)",
+    )
+    compile_group = parser.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None)
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--budget", type=float, default=None, help="seconds; stop cleanly after them")
+    parser.add_argument("--deadline", type=float, default=None, help="absolute time.time() to stop by")
+    parser.add_argument("--name", default="", help="extra word in the result file's name")
+    args = parser.parse_args(argv)
+    unknown = set(args.ops.split(",")) - set(OPS)
+    if unknown:
+        parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
+    return args
+
+
+def _print_row(r: dict) -> None:
+    what = r.get("op") or r.get("workload")
+    extra = r.get("mode") or r.get("precision")
+    label = " ".join(str(x) for x in (what, r.get("case"), r.get("dtype"), extra) if x)
+    if r["status"] != "ok":
+        print(f"  {label:<58} {r['provider']:<19} {r['status']}: {r.get('error', '')[:80]}", flush=True)
+        return
+    more = ""
+    if r.get("roofline_fraction") is not None:
+        more = f" {100 * r['roofline_fraction']:5.1f}% roofline"
+    if r.get("frames_per_s") is not None:
+        more += f" {r['frames_per_s']:.2f} frames/s"
+    print(f"  {label:<58} {r['provider']:<19} {r['median_ms']:10.3f} ms{more}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    deadline = Deadline(args.deadline) if args.deadline else Deadline.after(args.budget)
+    # The device check stops us with SIGINT or SIGTERM: both end the run as "incomplete".
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    torch.manual_seed(0)
     env = environment(device)
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = env["date"].replace(":", "").replace("-", "")
-    path = args.output / f"{device.type}-{stamp}.json"
-    path.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    print(f"{env['device']} | {env['build']} | torch {env['torch']} | {env['threads']} threads")
-    print(f"{'op':<20} {'shape':<20} {'provider':<10} {'mode':<10} {'median ms':>10}")
-    for r in rows:
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['build']}")
+    print(f"commit {env['commit'][:12]} | {env['threads']} threads | sizes: {size}", flush=True)
+    ceil = ceilings(device, size)
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in ceil["matmul_tflops"].items())
+    print(f"copy {ceil['copy_gb_per_s']:.1f} GB/s (read + write) | matmul TFLOP/s: {rates}", flush=True)
+    if device.type != "cuda":
         print(
-            f"{r['op']:<20} {'x'.join(map(str, r['shape'])):<20} {r['provider']:<10} {r['mode']:<10} "
-            f"{r['median_ms']:>10.3f}"
+            "CPU only: timing the reference and the C++ CPU kernels; the Triton and CUDA numbers need a GPU"
         )
-    print(f"wrote {path}")
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = "-".join(x for x in (device.type, stamp, "+".join(suites), size, args.name) if x)
+    results = ResultFile(
+        args.output / f"{name}.json",
+        {
+            "schema": SCHEMA,
+            "environment": env,
+            "size": size,
+            "suites": list(suites),
+            "ceilings": ceil,
+            "unavailable": {},
+            "complete": False,
+            "results": [],
+        },
+    )
+
+    def emit(row: dict) -> None:
+        results.add(row)
+        _print_row(row)
+
+    start = time.perf_counter()
+    try:
+        if "ops" in suites:
+            from benchmarks.ops import run_op  # noqa: PLC0415
+
+            if args.dtypes:
+                dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+            else:
+                dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+            # do_bench's default 100 ms of repeats on a GPU; longer on a shared CPU.
+            min_time = 0.05 if size == "tiny" else 0.1 if device.type == "cuda" else 0.2
+            for op in args.ops.split(","):
+                print(f"{op}:", flush=True)
+                why = run_op(op, device, dtypes, size, ceil, emit, deadline, min_time_s=min_time)
+                results.payload["unavailable"][op] = why
+                results.write()
+        if "models" in suites:
+            from benchmarks.models import run_models  # noqa: PLC0415
+
+            print("moce_ir_s:", flush=True)
+            why = run_models(
+                device,
+                size,
+                ceil,
+                emit,
+                deadline,
+                compile_reference=args.compile,
+                kinds=tuple(args.workloads.split(",")),
+                min_time_s=0.05 if size == "tiny" else 0.3,
+                min_samples=1 if size == "tiny" else 5,
+            )
+            results.payload["unavailable"]["moce_ir_s"] = why
+        results.payload["complete"] = not any(r["status"] == "skipped" for r in results.payload["results"])
+    except KeyboardInterrupt:
+        print("interrupted: keeping the rows measured so far", file=sys.stderr)
+    finally:
+        results.payload["elapsed_s"] = time.perf_counter() - start
+        results.write()
+    rows = results.payload["results"]
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{ok} of {len(rows)} rows measured; wrote {results.path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

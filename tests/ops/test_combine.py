@@ -186,7 +186,7 @@ BAD_INPUTS = [
     pytest.param(dict(plan="not-a-plan"), TypeError, "plan", id="plan-str"),
     pytest.param(dict(plan="tuple"), TypeError, "plan", id="plan-plain-tuple"),
     pytest.param(dict(backend="fast"), ValueError, "backend", id="backend-unknown"),
-    pytest.param(dict(backend="triton"), RuntimeError, "backend", id="backend-triton"),
+    pytest.param(dict(backend="cuda"), RuntimeError, "cuda", id="backend-cuda-on-cpu-tensors"),
 ]
 
 

@@ -154,8 +154,7 @@ def test_non_tensor_input_raises(make_routing):
     ("backend", "error"),
     [
         pytest.param("fast", ValueError, id="unknown"),
-        pytest.param("triton", RuntimeError, id="triton"),
-        pytest.param("cuda", RuntimeError, id="cuda"),
+        pytest.param("cuda", RuntimeError, id="cuda-on-cpu-tensors"),
     ],
 )
 def test_bad_backend_raises(make_routing, backend, error):

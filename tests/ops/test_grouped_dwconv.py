@@ -297,7 +297,7 @@ BAD_INPUTS = [
     pytest.param(dict(x=torch.randn(3, 5, 6)), ValueError, "x", id="x-3d"),
     pytest.param(dict(x=torch.ones(3, 5, 6, 7, dtype=torch.int64)), TypeError, "x", id="x-int"),
     pytest.param(dict(backend="fast"), ValueError, "backend", id="backend-unknown"),
-    pytest.param(dict(backend="triton"), RuntimeError, "backend", id="backend-triton"),
+    pytest.param(dict(backend="cuda"), RuntimeError, "cuda", id="backend-cuda-on-cpu-tensors"),
 ]
 
 

@@ -173,7 +173,6 @@ BAD_INPUTS = [
     pytest.param(dict(eps=-1e-5), ValueError, "eps", id="eps-negative"),
     pytest.param(dict(eps=math.nan), ValueError, "eps", id="eps-nan"),
     pytest.param(dict(backend="fast"), ValueError, "backend", id="backend-unknown"),
-    pytest.param(dict(backend="triton"), RuntimeError, "not implemented", id="backend-triton"),
     pytest.param(dict(backend="cuda"), RuntimeError, "cuda", id="backend-cuda-on-cpu-tensors"),
 ]
 

@@ -218,9 +218,7 @@ BAD_INPUTS = [
     ),
     pytest.param(dict(noise=torch.full((2, 4), math.nan)), ValueError, "noise", id="noise-nan"),
     pytest.param(dict(backend="fast"), ValueError, "backend", id="backend-unknown"),
-    pytest.param(dict(backend="triton"), RuntimeError, "not implemented", id="backend-triton"),
-    pytest.param(dict(backend="cuda"), RuntimeError, "not implemented", id="backend-cuda"),
-    pytest.param(dict(backend="cpu"), RuntimeError, "not implemented", id="backend-cpu"),
+    pytest.param(dict(backend="cuda"), RuntimeError, "cuda", id="backend-cuda-on-cpu-tensors"),
 ]
 
 

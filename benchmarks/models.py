@@ -1,0 +1,572 @@
+"""Model benchmarks: MoCE-IR-S inference, training step and one video frame, per backend.
+
+Workloads (GPU sizes; ``--quick``, ``--tiny`` and the CPU scale them down and say so):
+- ``inference``: batch 1 at 512 x 512 and batch 16 at 256 x 256, fp32 and bf16 (model cast);
+- ``training``: one optimizer step (L1 + 0.01 * routing loss, AdamW) at batch 8, 128 x 128
+  crops, fp32 and bf16 autocast;
+- ``video``: one 1920 x 1080 frame, bf16 and fp32, in frames/s, with the bytes the network
+  moves per frame (every kernel's inputs and outputs, counted by a dispatch mode: each aten or
+  ``torch.ops`` call once, views excluded), its flops (``FlopCounterMode``: convolutions and
+  matmuls), the frame rate the copy bandwidth of the same run allows, and where the time goes
+  (``breakdown``: self time per module type and per kernel-op call, from timestamps taken
+  around each call: CUDA events on a GPU).
+
+Providers: every model backend that runs here (``model.set_backend``: reference, auto, cuda /
+cpu, triton) in eager mode, and ``compiled-reference``: ``torch.compile`` of the reference
+(on GPU; on the CPU only with ``--compile``). Peak memory (GPU) is ``max_memory_allocated``
+over one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moceir
+from benchmarks.common import Deadline, measure, roofline_ms, synchronize
+
+VIDEO = (1080, 1920)
+#: The network of ``--tiny`` runs: MoCE-IR-S's structure, narrower and one block per level.
+TINY_OVERRIDES = {
+    "dim": 8,
+    "num_blocks": (1, 1, 1, 1),
+    "num_dec_blocks": (1, 1, 1),
+    "num_refinement_blocks": 1,
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # "inference", "training" or "video"
+    batch: int
+    height: int
+    width: int
+    #: "float32", "bfloat16" (model and input cast) or "bf16-autocast" (training).
+    precision: str
+    compile: bool = False  # also time torch.compile of the reference
+    scaled_from: tuple[int, int] | None = None
+
+    @property
+    def case(self) -> str:
+        if self.kind == "video":
+            return f"{self.height}x{self.width}"
+        return f"b{self.batch}.{self.height}x{self.width}"
+
+    @property
+    def shape(self) -> list[int]:
+        return [self.batch, 3, self.height, self.width]
+
+
+def _video(precision: str, scale: int = 1, compile_: bool = False) -> Workload:
+    h, w = -(-VIDEO[0] // scale), -(-VIDEO[1] // scale)
+    return Workload("video", 1, h, w, precision, compile_, None if scale == 1 else VIDEO)
+
+
+def workloads(device: torch.device, size: str) -> list[Workload]:
+    """The workloads of a run, most important first (a run cut by its deadline keeps those)."""
+    if size == "tiny":
+        return [
+            Workload("inference", 1, 32, 32, "float32"),
+            Workload("training", 1, 32, 32, "float32"),
+            _video("float32", scale=32),
+        ]
+    if device.type == "cuda":
+        main = [
+            _video("bfloat16", compile_=True),
+            Workload("training", 8, 128, 128, "bf16-autocast", compile=True),
+            Workload("inference", 1, 512, 512, "bfloat16", compile=True),
+        ]
+        if size == "quick":
+            return main
+        return [
+            *main,
+            Workload("inference", 16, 256, 256, "bfloat16"),
+            Workload("training", 8, 128, 128, "float32", compile=True),
+            _video("float32"),
+            Workload("inference", 1, 512, 512, "float32"),
+            Workload("inference", 16, 256, 256, "float32"),
+        ]
+    # A 2-core CPU: the same workloads scaled down (a CPU training step at batch 8, 128 x 128 takes
+    # minutes), fp32 only.
+    if size == "quick":
+        return [
+            Workload("inference", 1, 128, 128, "float32"),
+            Workload("training", 1, 64, 64, "float32"),
+            _video("float32", scale=8),
+        ]
+    return [
+        Workload("inference", 1, 256, 256, "float32"),
+        Workload("inference", 4, 128, 128, "float32"),
+        Workload("training", 2, 64, 64, "float32"),
+        _video("float32", scale=4),
+    ]
+
+
+#: Seconds a torch.compile job is started with at least (the reference breaks the graph at every
+#: adapter's host read: many graphs to compile).
+COMPILE_NEEDS_S = 90.0
+#: Main workloads: every eager provider runs these before anything else.
+MAIN_WORKLOADS = 3
+
+
+def plan_jobs(
+    wls: list[Workload], providers: list[str], compile_reference: bool, size: str
+) -> list[tuple[Workload, str]]:
+    """(workload, provider) in the order they run: the eager providers on the main workloads,
+    the compiled reference of the first workload marked for it (the training step), the eager
+    providers on the rest, then the other compiled references. A deadline cuts from the end."""
+    eager = [(wl, p) for wl in wls for p in providers]
+    main = [job for job in eager if job[0] in wls[:MAIN_WORKLOADS]]
+    rest = [job for job in eager if job[0] not in wls[:MAIN_WORKLOADS]]
+    compiled = []
+    if compile_reference:
+        marked = [wl for wl in wls if wl.compile or size == "tiny"]
+        marked.sort(key=lambda wl: wl.kind != "training")  # the training step first (stable)
+        compiled = [(wl, "compiled-reference") for wl in marked]
+    return main + compiled[:1] + rest + compiled[1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes moved: every kernel call's inputs and outputs
+# ----------------------------------------------------------------------------------------------
+
+#: Calls that move no data (allocation, aliasing, host reads).
+_NO_TRAFFIC = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "set_",
+    "resize_",
+    "record_stream",
+}
+#: In-place calls that write their first argument without reading it.
+_WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_"}
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    logical = t.numel() * t.element_size()
+    try:  # a broadcast (stride 0) view reads its storage once, not numel times
+        return min(logical, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return logical
+
+
+def _is_view(func) -> bool:
+    is_view = getattr(func, "is_view", None)
+    if is_view is not None:
+        return bool(is_view)
+    returns = func._schema.returns
+    return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+class ByteCounter(TorchDispatchMode):
+    """Sums, over every op call, the bytes of its tensor inputs and outputs (views excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.calls = 0
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _NO_TRAFFIC or _is_view(func):
+            return out
+        inputs = pytree.tree_leaves((args, kwargs))
+        if name in _WRITE_ONLY_FIRST and inputs:
+            inputs = inputs[1:]
+        moved = sum(_tensor_bytes(t) for t in inputs if isinstance(t, torch.Tensor))
+        moved += sum(_tensor_bytes(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        self.total += moved
+        self.calls += 1
+        self.by_op[f"{func.namespace}::{name}"] += moved
+        return out
+
+
+def count_traffic(fn: Callable[[], object]) -> tuple[int, int, list[dict]]:
+    """(bytes moved, op calls, the 10 ops moving most) over one call of ``fn``."""
+    counter = ByteCounter()
+    with counter:
+        fn()
+    top = [{"op": op, "bytes": b} for op, b in counter.by_op.most_common(10)]
+    return counter.total, counter.calls, top
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the time goes: self time per module type and per kernel-op call
+# ----------------------------------------------------------------------------------------------
+
+#: Functions the model calls outside modules, timed as their own categories where they exist
+#: (module, attribute, category). Missing ones (the model's internals move) are skipped.
+_FUNCTIONS = (
+    ("moceir.layers.attention", "channel_attention", "channel attention (normalise, qk^T, softmax, av)"),
+    ("moceir.layers.adapter", "route", "route"),
+    ("moceir.layers.adapter", "dispatch", "dispatch"),
+    ("moceir.layers.adapter", "combine", "combine"),
+    ("moceir.layers.adapter", "routing_aux_loss", "routing aux loss"),
+    ("moceir.layers.adapter", "run_experts", "experts: glue (pack, silu, gating, cat)"),
+    ("moceir.layers.experts", "grouped_dwconv", "experts: grouped_dwconv"),
+    ("moceir.layers.experts", "patch_fft_conv", "experts: patch_fft_conv"),
+    ("moceir.layers.experts", "layernorm2d", "layernorm"),
+)
+
+_MODULE_LABELS = {
+    "LayerNorm2d": "layernorm",
+    "Linear": "linear",
+    "PixelShuffle": "pixel (un)shuffle",
+    "PixelUnshuffle": "pixel (un)shuffle",
+    "FeedForward": "ffn gelu gate",
+    "EncoderBlock": "residual adds",
+    "DecoderBlock": "residual adds",
+    "EncoderGroup": "residual adds",
+    "DecoderGroup": "residual adds",
+    "MoCELayer": "adapter: glue",
+    "Router": "route",
+    "MoCEIR": "model: pad, concat, crop, checks",
+}
+
+
+def module_label(m: nn.Module) -> str:
+    if isinstance(m, nn.Conv2d):
+        k = m.kernel_size[0]
+        if m.groups > 1 and m.groups == m.in_channels:
+            return f"conv depthwise {k}x{k}"
+        return f"conv {k}x{k}"
+    name = type(m).__name__
+    return _MODULE_LABELS.get(name, name)
+
+
+class Timeline:
+    """Nested timed ranges; self time = a range's time minus its children's (GPU: CUDA events)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.records: list[list] = []  # [label, start, end, parent]
+        self.stack: list[int] = []
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def enter(self, label: str) -> None:
+        self.records.append([label, self._mark(), None, self.stack[-1] if self.stack else -1])
+        self.stack.append(len(self.records) - 1)
+
+    def exit(self) -> None:
+        self.records[self.stack.pop()][2] = self._mark()
+
+    def self_times_ms(self) -> tuple[dict[str, float], float]:
+        """({category: self time in ms}, total of the outermost ranges in ms)."""
+        synchronize(self.device)
+        inclusive = []
+        for _, start, end, _ in self.records:
+            inclusive.append(start.elapsed_time(end) if self.cuda else (end - start) * 1e3)
+        own = list(inclusive)
+        for i, (_, _, _, parent) in enumerate(self.records):
+            if parent >= 0:
+                own[parent] -= inclusive[i]
+        totals: Counter[str] = Counter()
+        for (label, *_), t in zip(self.records, own, strict=True):
+            totals[label] += t
+        root = sum(t for (_, _, _, parent), t in zip(self.records, inclusive, strict=True) if parent < 0)
+        return dict(totals), root
+
+
+@contextlib.contextmanager
+def _timed_functions(timeline: Timeline) -> Iterator[None]:
+    patched = []
+    for module_name, attr, label in _FUNCTIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        original = getattr(module, attr, None)
+        if not callable(original):
+            continue
+
+        def timed(*args, _fn=original, _label=label, **kwargs):
+            timeline.enter(_label)
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                timeline.exit()
+
+        functools.update_wrapper(timed, original)
+        setattr(module, attr, timed)
+        patched.append((module, attr, original))
+    try:
+        yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)
+
+
+def breakdown(model: nn.Module, fn: Callable[[], object], device: torch.device) -> dict:
+    """Self time per category over one call of ``fn`` (which runs ``model``)."""
+    timeline = Timeline(device)
+    handles = []
+    for m in model.modules():
+        label = module_label(m)
+        handles.append(m.register_forward_pre_hook(lambda _m, _a, _label=label: timeline.enter(_label)))
+        handles.append(m.register_forward_hook(lambda _m, _a, _o: timeline.exit(), always_call=True))
+    try:
+        with _timed_functions(timeline):
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    times, total = timeline.self_times_ms()
+    rows = [
+        {"category": k, "ms": v, "share": v / total if total else None}
+        for k, v in sorted(times.items(), key=lambda kv: -kv[1])
+    ]
+    return {"total_ms": total, "categories": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Providers and workloads
+# ----------------------------------------------------------------------------------------------
+
+
+def model_providers(model: moceir.MoCEIR, device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """Model backends that run a small forward here, and why the others do not."""
+    candidates = ["auto", "cuda", "triton"] if device.type == "cuda" else ["auto", "cpu", "triton"]
+    usable, unavailable = ["reference"], {}
+    x = torch.rand(2, 3, 16, 16, device=device)
+    for backend in candidates:
+        if backend == "triton" and device.type != "cuda":
+            unavailable[backend] = "Triton numbers need a CUDA GPU"
+            continue
+        try:
+            model.set_backend(backend)
+            with torch.no_grad():
+                model(x)
+            usable.append(backend)
+        except Exception as e:  # noqa: BLE001  (any failure means: not usable here)
+            unavailable[backend] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            model.set_backend("reference")
+    return usable, unavailable
+
+
+def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def _compile(model: nn.Module) -> Callable:
+    """``torch.compile(model)`` from a clean slate: each workload compiles for its own shapes
+    (static first; dynamo makes what varies dynamic, such as the per-expert image counts that
+    the reference reads on the host and that training noise changes from step to step)."""
+    import torch._dynamo  # noqa: PLC0415
+
+    torch._dynamo.reset()
+    return torch.compile(model)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+
+class ModelBench:
+    """One MoCE-IR-S (same random weights for every provider) and its workloads."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        ceil: dict,
+        min_time_s: float = 0.3,
+        min_samples: int = 5,
+        overrides: dict | None = None,
+    ) -> None:
+        torch.manual_seed(0)
+        self.device = device
+        self.ceil = ceil
+        self.min_time_s = min_time_s
+        self.min_samples = min_samples
+        self.base = moceir.build_model("moce_ir_s", backend="reference", **(overrides or {}))
+        self.base = self.base.to(device).eval()
+        self._cast: dict[str, nn.Module] = {"float32": self.base}
+        self._flops: dict[tuple, float] = {}
+
+    def inference_model(self, precision: str) -> moceir.MoCEIR:
+        if precision not in self._cast:
+            self._cast[precision] = copy.deepcopy(self.base).to(_dtype(precision))
+        return self._cast[precision]
+
+    def _inference_fn(self, wl: Workload, provider: str):
+        model = self.inference_model(wl.precision)
+        x = torch.rand(wl.shape, device=self.device).to(_dtype(wl.precision))
+        if provider == "compiled-reference":
+            model.set_backend("reference")
+            runner = _compile(model)
+        else:
+            model.set_backend(provider)
+            runner = model
+
+        def fn():
+            with torch.inference_mode():
+                return runner(x)
+
+        return model, fn
+
+    def _training_fn(self, wl: Workload, provider: str):
+        model = copy.deepcopy(self.base).train()
+        model.set_backend("reference" if provider == "compiled-reference" else provider)
+        runner = _compile(model) if provider == "compiled-reference" else model
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+        x = torch.rand(wl.shape, device=self.device)
+        y = torch.rand(wl.shape, device=self.device)
+        autocast = wl.precision == "bf16-autocast"
+
+        def step():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = runner(x)
+                loss = F.l1_loss(out.float(), y) + 0.01 * model.total_loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return model, step
+
+    def run(self, wl: Workload, provider: str) -> dict:
+        """Time ``wl`` with ``provider``; returns the result row (without suite/status keys)."""
+        make = self._training_fn if wl.kind == "training" else self._inference_fn
+        model, fn = make(wl, provider)
+        start = time.perf_counter()
+        fn()  # the first call compiles (torch.compile, Triton JIT) and warms the allocator
+        synchronize(self.device)
+        first_s = time.perf_counter() - start
+        t = measure(fn, self.device, min_time_s=self.min_time_s, min_samples=self.min_samples, warmup=0)
+        row = {
+            "median_ms": t.median_ms,
+            "p20_ms": t.p20_ms,
+            "p80_ms": t.p80_ms,
+            "samples": t.samples,
+            "first_call_s": first_s,
+            "peak_bytes": _peak_bytes(fn, self.device),
+            "images_per_s": wl.batch / t.median_ms * 1e3,
+        }
+        if wl.kind == "video":
+            row["frames_per_s"] = 1e3 / t.median_ms
+            if provider != "compiled-reference":
+                row |= self._video_extras(wl, model, fn, provider)
+                row["roofline_fraction"] = row["roofline_ms"] / t.median_ms
+        if wl.kind == "training":
+            model.zero_grad(set_to_none=True)
+        return row
+
+    def _video_extras(self, wl: Workload, model: nn.Module, fn: Callable, provider: str) -> dict:
+        moved, calls, top = count_traffic(fn)
+        key = (wl.precision, wl.height, wl.width)
+        if key not in self._flops:
+            self._flops[key] = count_flops(fn)
+        flops = self._flops[key]
+        dtype_name = str(_dtype(wl.precision)).removeprefix("torch.")
+        floor = roofline_ms(moved, flops, dtype_name, self.ceil)
+        with torch.inference_mode():
+            split = breakdown(model, fn, self.device)
+        return {
+            "bytes_per_frame": moved,
+            "op_calls_per_frame": calls,
+            "top_ops_by_bytes": top,
+            "flops_per_frame": flops,
+            "bandwidth_bound_fps": self.ceil["copy_gb_per_s"] * 1e9 / moved if moved else None,
+            "roofline_ms": floor,
+            "breakdown": split,
+        }
+
+
+def run_models(
+    device: torch.device,
+    size: str,
+    ceil: dict,
+    emit: Callable[[dict], None],
+    deadline: Deadline,
+    compile_reference: bool | None = None,
+    kinds: tuple[str, ...] = ("inference", "training", "video"),
+    min_time_s: float = 0.3,
+    min_samples: int = 5,
+) -> dict[str, str]:
+    """Run every workload with every usable provider; each row goes to ``emit``."""
+    # Toy sizes check the plumbing: a narrow, one-block-per-level network keeps them fast.
+    overrides = TINY_OVERRIDES if size == "tiny" else {}
+    model_name = "moce_ir_s" + "".join(f" {k}={v}" for k, v in overrides.items())
+    bench = ModelBench(device, ceil, min_time_s, min_samples, overrides)
+    providers, unavailable = model_providers(bench.base, device)
+    if compile_reference is None:
+        compile_reference = device.type == "cuda"
+    if not compile_reference:
+        unavailable["compiled-reference"] = (
+            "torch.compile of the reference is timed on GPU only (--compile forces it)"
+        )
+    cost_s: dict[tuple, float] = {}  # measured cost of each job, to skip what cannot fit
+    chosen = [wl for wl in workloads(device, size) if wl.kind in kinds]
+    for wl, provider in plan_jobs(chosen, providers, compile_reference, size):
+        base = {
+            "suite": "models",
+            "model": model_name,
+            "workload": wl.kind,
+            "case": wl.case,
+            "shape": wl.shape,
+            "precision": wl.precision,
+            "provider": provider,
+        }
+        if wl.scaled_from:
+            base["scaled_from"] = list(wl.scaled_from)
+        compiling = provider == "compiled-reference" and size != "tiny"
+        need = COMPILE_NEEDS_S if compiling else 2 * cost_s.get((wl, "reference"), 5.0)
+        if not deadline.allows(need):
+            emit(base | {"status": "skipped", "error": f"out of time budget (needs ~{need:.0f} s)"})
+            continue
+        start = time.perf_counter()
+        try:
+            row = bench.run(wl, provider)
+        except Exception as e:  # noqa: BLE001  (a broken backend must not stop the run)
+            emit(base | {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]})
+        else:
+            emit(base | {"status": "ok"} | row)
+        finally:
+            cost_s[(wl, provider)] = time.perf_counter() - start
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return unavailable

@@ -1,0 +1,422 @@
+"""Op benchmarks: one setup per op of the contract, every available provider, three modes.
+
+Shapes are MoCE-IR-S's at training time (batch 8, 128 x 128 crops): decoder levels ``dec0``,
+``dec1``, ``dec2`` of widths 128, 64, 32 at 32, 64, 128 px; the experts' ranks C/8, C/4, C/2, C
+and patch sizes 4, 8, 16, 32; routing with k = 1 and the spread a complexity-biased router gives
+(3, 2, 2, 1 of the 8 images on the experts, cheapest first).
+
+Modes: ``forward`` (no autograd: the kernel alone), ``backward`` (the gradients of every input
+from a retained graph), ``full`` (forward with autograd + backward). Bytes are the fewest a
+kernel must move: each input it needs read once, each output written once (``bytes_moved``
+below, per op); achieved GB/s and the fraction of the roofline follow from the ceilings
+measured in the same run. Each provider's forward output and gradients are compared with the
+reference's (``rel_err``: ||got - ref|| / ||ref||), so a fast wrong kernel shows up in the table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import moce_kernels
+from benchmarks.common import (
+    OPS,
+    Deadline,
+    measure,
+    nbytes,
+    op_providers,
+    rel_error,
+    roofline_ms,
+)
+
+NUM_EXPERTS = 4
+#: Expert of each of the 8 images (k = 1): counts 3, 2, 2, 1, cheapest expert most used.
+CHOICES = (0, 1, 0, 2, 3, 0, 1, 2)
+PATCH_SIZES = (4, 8, 16, 32)
+MODES = ("forward", "backward", "full")
+
+
+@dataclass
+class Sizes:
+    """Batch and decoder levels {name: (width C, side S)} of one benchmark size."""
+
+    batch: int
+    levels: dict[str, tuple[int, int]]
+    quick: bool = False
+
+
+SIZES = {
+    "full": Sizes(8, {"dec0": (128, 32), "dec1": (64, 64), "dec2": (32, 128)}),
+    "quick": Sizes(8, {"dec2": (32, 128)}, quick=True),
+    "tiny": Sizes(2, {"dec2": (8, 16)}, quick=True),
+}
+
+
+@dataclass
+class Bench:
+    """One op at one shape: how to run it per provider, and what it reads and writes."""
+
+    op: str
+    case: str
+    shape: list[int]
+    #: forward(provider) -> outputs; runs with autograd when inputs require grad.
+    forward: Callable[[str], object]
+    #: the differentiable outputs of forward's result.
+    diff_outputs: Callable[[object], list[torch.Tensor]]
+    #: every output of forward's result, to compare with the reference.
+    all_outputs: Callable[[object], list[torch.Tensor]]
+    inputs: list[torch.Tensor]
+    bytes_moved: dict[str, int]
+    flops: dict[str, float] = field(default_factory=dict)
+
+
+def routing_logits(batch: int, device: torch.device) -> torch.Tensor:
+    """[B, E] logits whose top-1 is CHOICES (repeated), separated by a clear margin."""
+    gen = torch.Generator().manual_seed(0)
+    logits = -torch.rand(batch, NUM_EXPERTS, generator=gen)
+    for b in range(batch):
+        logits[b, CHOICES[b % len(CHOICES)]] = 2.0 + 0.5 * float(torch.rand((), generator=gen))
+    return logits.to(device)
+
+
+def _plan(batch: int, device: torch.device) -> moce_kernels.RoutingPlan:
+    return moce_kernels.route(routing_logits(batch, device), 1, backend="reference")
+
+
+def _rand(shape, device, dtype, grad=True) -> torch.Tensor:
+    return torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(grad)
+
+
+def _full_flops(fwd: float, bwd: float) -> dict[str, float]:
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}
+
+
+def _with_full(fwd: int, bwd: int) -> dict[str, int]:
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}
+
+
+def bench_route(sizes: Sizes, device, dtype) -> list[Bench]:
+    batch = sizes.batch
+    logits = routing_logits(batch, device).to(dtype).requires_grad_(True)
+    noise = (torch.randn(batch, NUM_EXPERTS, device=device) / NUM_EXPERTS).to(dtype)
+    ref = moce_kernels.route(logits.detach(), 1, noise, backend="reference")
+    plan_bytes = nbytes(*ref)
+    gates = ref.gates
+    return [
+        Bench(
+            op="route",
+            case=f"b{batch}.e{NUM_EXPERTS}.k1",
+            shape=[batch, NUM_EXPERTS],
+            forward=lambda p: moce_kernels.route(logits, 1, noise, backend=p),
+            diff_outputs=lambda plan: [plan.gates],
+            all_outputs=list,
+            inputs=[logits],
+            # forward: logits + noise in, the plan out; backward: gate grads, logits, noise and
+            # the chosen experts in (softmax recomputed), logit grads out.
+            bytes_moved=_with_full(
+                nbytes(logits, noise) + plan_bytes,
+                nbytes(gates, logits, noise, ref.experts) + nbytes(logits),
+            ),
+        )
+    ]
+
+
+def bench_dispatch(sizes: Sizes, device, dtype) -> list[Bench]:
+    plan = _plan(sizes.batch, device)
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        x = _rand((sizes.batch, width, side, side), device, dtype)
+        out.append(
+            Bench(
+                op="dispatch",
+                case=level,
+                shape=list(x.shape),
+                forward=lambda p, x=x: moce_kernels.dispatch(x, plan, backend=p),
+                diff_outputs=lambda y: [y],
+                all_outputs=lambda y: [y],
+                inputs=[x],
+                # B * k rows gathered (k = 1): read x, write as much; backward the same, reversed.
+                bytes_moved=_with_full(2 * nbytes(x), 2 * nbytes(x)),
+            )
+        )
+    return out
+
+
+def bench_combine(sizes: Sizes, device, dtype) -> list[Bench]:
+    plan = _plan(sizes.batch, device)
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        y = _rand((sizes.batch, width, side, side), device, dtype)
+        gates = plan.gates.detach().to(dtype).clone().requires_grad_(True)
+        out.append(
+            Bench(
+                op="combine",
+                case=level,
+                shape=list(y.shape),
+                forward=lambda p, y=y, gates=gates: moce_kernels.combine(y, plan, gates, backend=p),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[y, gates],
+                # forward: y and gates in, out; backward: grad_out and y in (gate grads), grad_y out.
+                bytes_moved=_with_full(2 * nbytes(y) + nbytes(gates), 3 * nbytes(y) + 2 * nbytes(gates)),
+            )
+        )
+    return out
+
+
+def _dwconv_bench(
+    name: str, batch_rows: list[int], channels: list[int], kernel_sizes: list[int], side: int, device, dtype
+) -> Bench:
+    c_max, rows = max(channels), sum(batch_rows)
+    weights = [torch.randn(c, 1, k, k) / k for c, k in zip(channels, kernel_sizes, strict=True)]
+    biases = [torch.randn(c) for c in channels]
+    w, b, chans, ks = moce_kernels.pack_dwconv_weights(weights, biases)
+    w = w.to(device=device, dtype=dtype).requires_grad_(True)
+    b = b.to(device=device, dtype=dtype).requires_grad_(True)
+    offsets = torch.tensor([0, *torch.tensor(batch_rows).cumsum(0).tolist()], device=device)
+    x = _rand((rows, c_max, side, side), device, dtype)
+    el = x.element_size()
+    plane = side * side
+    # The rows' own channels are read; the whole output is written (channels past an expert's
+    # width are zeros by contract). Backward reads grad_out and x on the active channels and
+    # writes every input gradient.
+    active = sum(n * c for n, c in zip(batch_rows, channels, strict=True)) * plane * el
+    full_out = x.numel() * el
+    params = nbytes(w, b)
+    fwd_flops = sum(
+        2 * k * k * n * c * plane for n, c, k in zip(batch_rows, channels, kernel_sizes, strict=True)
+    )
+    return Bench(
+        op="grouped_dwconv",
+        case=name,
+        shape=list(x.shape),
+        forward=lambda p: moce_kernels.grouped_dwconv(x, w, b, offsets, chans, ks, backend=p),
+        diff_outputs=lambda o: [o],
+        all_outputs=lambda o: [o],
+        inputs=[x, w, b],
+        bytes_moved=_with_full(active + params + full_out, 2 * active + params + full_out + params),
+        flops=_full_flops(fwd_flops, 2 * fwd_flops),
+    )
+
+
+def _spread(batch: int) -> list[int]:
+    """Rows per expert for ``batch`` images routed as CHOICES."""
+    return [sum(1 for b in range(batch) if CHOICES[b % len(CHOICES)] == e) for e in range(NUM_EXPERTS)]
+
+
+def bench_grouped_dwconv(sizes: Sizes, device, dtype) -> list[Bench]:
+    out = []
+    rows = _spread(sizes.batch)
+    for level, (width, side) in sizes.levels.items():
+        ranks = [width // 8, width // 4, width // 2, width]
+        ranks = [max(1, r) for r in ranks]
+        if not sizes.quick:
+            out.append(_dwconv_bench(f"{level}.experts_q3", rows, ranks, [3] * 4, side, device, dtype))
+        out.append(
+            _dwconv_bench(f"{level}.experts_kv7", rows, [2 * r for r in ranks], [7] * 4, side, device, dtype)
+        )
+    # The trunk's depthwise convs at the widest level, as one group: the GDFN's 3x3 on 4C
+    # channels and the cross-attention's 7x7 on 2C.
+    level = list(sizes.levels)[-1]
+    width, side = sizes.levels[level]
+    out.append(_dwconv_bench(f"{level}.trunk_ffn3", [sizes.batch], [4 * width], [3], side, device, dtype))
+    if not sizes.quick:
+        out.append(_dwconv_bench(f"{level}.trunk_kv7", [sizes.batch], [2 * width], [7], side, device, dtype))
+    return out
+
+
+def bench_layernorm2d(sizes: Sizes, device, dtype) -> list[Bench]:
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        x = _rand((sizes.batch, width, side, side), device, dtype)
+        w = (1 + 0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_(True)
+        b = (0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_(True)
+        params = nbytes(w, b)
+        out.append(
+            Bench(
+                op="layernorm2d",
+                case=level,
+                shape=list(x.shape),
+                forward=lambda p, x=x, w=w, b=b: moce_kernels.layernorm2d(x, w, b, backend=p),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[x, w, b],
+                # forward: x in, out; backward: grad_out and x in (statistics recomputed), grad_x out.
+                bytes_moved=_with_full(2 * nbytes(x) + params, 3 * nbytes(x) + 2 * params),
+                flops=_full_flops(8 * x.numel(), 12 * x.numel()),
+            )
+        )
+    return out
+
+
+def _fft_flops(numel: int, patch: int) -> float:
+    """rfft2 of q and k, irfft2 of the product: ~2.5 N log2 N real flops each per p*p patch."""
+    n = patch * patch
+    per_patch = 3 * 2.5 * n * math.log2(max(n, 2)) + 3 * n
+    return numel / n * per_patch
+
+
+def bench_patch_fft_conv(sizes: Sizes, device, dtype) -> list[Bench]:
+    out = []
+    level = list(sizes.levels)[-1]
+    width, side = sizes.levels[level]
+    ranks = [max(1, width // 8), max(1, width // 4), max(1, width // 2), width]
+    cases = [(level, r, p) for r, p in zip(ranks, PATCH_SIZES, strict=True)]
+    if sizes.quick:
+        cases = [cases[1], cases[3]]
+    elif len(sizes.levels) > 1:
+        deep = list(sizes.levels)[0]
+        cases.append((deep, sizes.levels[deep][0], PATCH_SIZES[-1]))
+    for lvl, rank, patch in cases:
+        lvl_side = sizes.levels[lvl][1]
+        # All images on one expert: the largest call an expert sees at this level.
+        q = _rand((sizes.batch, rank, lvl_side, lvl_side), device, dtype)
+        k = _rand((sizes.batch, rank, lvl_side, lvl_side), device, dtype)
+        out_bytes = q.numel() * 4  # float32 output
+        fl = _fft_flops(q.numel(), patch)
+        out.append(
+            Bench(
+                op="patch_fft_conv",
+                case=f"{lvl}.r{rank}.p{patch}",
+                shape=list(q.shape),
+                forward=lambda p, q=q, k=k, patch=patch: moce_kernels.patch_fft_conv(q, k, patch, backend=p),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[q, k],
+                # forward: q, k in, float32 out; backward: grad_out, q, k in, grad_q, grad_k out.
+                bytes_moved=_with_full(nbytes(q, k) + out_bytes, out_bytes + 2 * nbytes(q, k)),
+                flops=_full_flops(fl, 2 * fl),
+            )
+        )
+    return out
+
+
+SETUPS = {
+    "route": bench_route,
+    "dispatch": bench_dispatch,
+    "combine": bench_combine,
+    "grouped_dwconv": bench_grouped_dwconv,
+    "layernorm2d": bench_layernorm2d,
+    "patch_fft_conv": bench_patch_fft_conv,
+}
+assert tuple(SETUPS) == OPS
+
+
+def _mode_fn(bench: Bench, provider: str, mode: str) -> Callable[[], object]:
+    if mode == "forward":
+
+        def fwd():
+            with torch.no_grad():
+                return bench.forward(provider)
+
+        return fwd
+    if mode == "backward":
+        outs = bench.diff_outputs(bench.forward(provider))
+        grads = [torch.randn_like(o) for o in outs]
+        return lambda: torch.autograd.grad(outs, bench.inputs, grads, retain_graph=True)
+
+    def full():
+        outs = bench.diff_outputs(bench.forward(provider))
+        return torch.autograd.grad(outs, bench.inputs, [torch.ones_like(o) for o in outs])
+
+    return full
+
+
+def _gradients(bench: Bench, provider: str, seed: int = 1) -> list[torch.Tensor]:
+    outs = bench.diff_outputs(bench.forward(provider))
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=gen).to(o) for o in outs]
+    return list(torch.autograd.grad(outs, bench.inputs, grads))
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+def run_op(
+    op: str,
+    device: torch.device,
+    dtypes: list[torch.dtype],
+    size: str,
+    ceil: dict,
+    emit: Callable[[dict], None],
+    deadline: Deadline,
+    modes: tuple[str, ...] = MODES,
+    min_time_s: float = 0.2,
+) -> dict[str, str]:
+    """Benchmark every case of ``op``; each row goes to ``emit``. Returns the unusable backends."""
+    providers, unavailable = op_providers(op, device)
+    for dtype in dtypes:
+        dtype_name = str(dtype).removeprefix("torch.")
+        torch.manual_seed(0)
+        for bench in SETUPS[op](SIZES[size], device, dtype):
+            reference_out = reference_grads = None
+            for provider in providers:
+                base = {
+                    "suite": "ops",
+                    "op": op,
+                    "case": bench.case,
+                    "shape": bench.shape,
+                    "dtype": dtype_name,
+                    "provider": provider,
+                }
+                if not deadline.allows(4 * min_time_s + 1):
+                    for mode in modes:
+                        emit(base | {"mode": mode, "status": "skipped", "error": "out of time budget"})
+                    continue
+                # Check before timing: the forward output, then the gradients (a provider without
+                # a backward still gets its forward timed).
+                failed: dict[str, str] = {}
+                fwd_err = grad_err = None
+                try:
+                    with torch.no_grad():
+                        got = [t.detach() for t in bench.all_outputs(bench.forward(provider))]
+                    if provider == "reference":
+                        reference_out = got
+                    fwd_err = rel_error(got, reference_out)
+                except Exception as e:  # noqa: BLE001  (a broken provider must not stop the run)
+                    failed = dict.fromkeys(modes, _describe(e))
+                if not failed:
+                    try:
+                        grads = _gradients(bench, provider)
+                        if provider == "reference":
+                            reference_grads = grads
+                        grad_err = rel_error(grads, reference_grads)
+                    except Exception as e:  # noqa: BLE001
+                        failed = {m: _describe(e) for m in modes if m != "forward"}
+                for mode in modes:
+                    row = base | {"mode": mode}
+                    if mode in failed:
+                        emit(row | {"status": "error", "error": failed[mode]})
+                        continue
+                    if not deadline.allows(2 * min_time_s + 1):
+                        emit(row | {"status": "skipped", "error": "out of time budget"})
+                        continue
+                    try:
+                        t = measure(_mode_fn(bench, provider, mode), device, min_time_s=min_time_s)
+                    except Exception as e:  # noqa: BLE001
+                        emit(row | {"status": "error", "error": _describe(e)})
+                        continue
+                    moved = bench.bytes_moved[mode]
+                    flops = bench.flops.get(mode, 0.0)
+                    floor = roofline_ms(moved, flops, dtype_name, ceil)
+                    emit(
+                        row
+                        | {
+                            "status": "ok",
+                            "median_ms": t.median_ms,
+                            "p20_ms": t.p20_ms,
+                            "p80_ms": t.p80_ms,
+                            "samples": t.samples,
+                            "bytes": moved,
+                            "flops": flops,
+                            "gb_per_s": moved / t.median_ms / 1e6,
+                            "roofline_ms": floor,
+                            "roofline_fraction": floor / t.median_ms if floor else None,
+                            "rel_err": fwd_err if mode == "forward" else grad_err,
+                        }
+                    )
+    return unavailable

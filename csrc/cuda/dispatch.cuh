@@ -1,0 +1,145 @@
+// CUDA kernel bodies of dispatch (rows gathered into expert order; schemas, semantics and the CPU
+// kernels in csrc/dispatch.cpp), and the row helpers combine.cuh shares.
+//
+// Layout: a [rows, ...] tensor is a [rows, F] matrix, F = the product of the other dimensions.
+// Blocks run along a row (blockIdx.x: a slice of the row's vectors) and down the rows
+// (blockIdx.y, striding by gridDim.y, so any row count fits the 65535 limit on gridDim.y); each
+// thread moves VEC adjacent elements per access (128-bit accesses when the rows allow it).
+//
+// Indices are checked before use: a row whose index is out of range is written with all bits
+// set (NaN for every float dtype) and nothing is read out of bounds.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace moce::cuda::rows {
+
+constexpr int kWarpSize = 32;
+
+// VEC elements of T moved as one access of sizeof(T) * VEC bytes (16: a 128-bit access).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T val[VEC];
+};
+
+template <int BYTES>
+struct Word;
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+template <>
+struct Word<1> {
+  using type = unsigned char;
+};
+
+// ptr must be aligned to sizeof(T) * VEC bytes.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ ptr) {
+  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
+  const W word = *reinterpret_cast<const W*>(ptr);
+  Pack<T, VEC> pack;
+  memcpy(&pack, &word, sizeof(pack));
+  return pack;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* __restrict__ ptr, const Pack<T, VEC>& pack) {
+  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
+  W word;
+  memcpy(&word, &pack, sizeof(word));
+  *reinterpret_cast<W*>(ptr) = word;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// A word with every bit set: NaN read as any float type, -1 as any signed integer.
+template <typename W>
+__device__ __forceinline__ W all_ones() {
+  W w;
+  memset(&w, 0xff, sizeof(W));
+  return w;
+}
+
+// out[i, :] = x[index[i], :], rows of row_words words of type W (a row's bytes, moved in the
+// widest word that divides them and both base addresses).
+template <typename W>
+__global__ void dispatch_fwd_kernel(const W* __restrict__ x,            // [B, row_words]
+                                    const int64_t* __restrict__ index,  // [S]
+                                    W* __restrict__ out,                // [S, row_words]
+                                    int64_t batch, int64_t slots, int64_t row_words) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.y; i < slots; i += gridDim.y) {
+    const int64_t src = index[i];
+    const bool ok = src >= 0 && src < batch;
+    W* dst = out + i * row_words;
+    for (int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < row_words; w += step) {
+      dst[w] = ok ? x[src * row_words + w] : all_ones<W>();
+    }
+  }
+}
+
+// grad_x[b, :] = sum_{j < k} grad_out[inverse[b * k + j], :], in acc_t, in the order j = 0..k-1.
+// VEC elements per thread: the caller guarantees F % VEC == 0 and 16-byte aligned bases when
+// VEC > 1.
+template <typename T, typename acc_t, int VEC>
+__global__ void dispatch_bwd_kernel(const T* __restrict__ grad_out,       // [S, F]
+                                    const int64_t* __restrict__ inverse,  // [S]
+                                    T* __restrict__ grad_x,               // [B, F]
+                                    int64_t batch, int64_t k, int64_t features) {
+  const int64_t slots = batch * k;
+  const int64_t packs = features / VEC;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += step) {
+      acc_t acc[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = acc_t(0);
+      bool ok = true;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = inverse[b * k + j];
+        if (row < 0 || row >= slots) {
+          ok = false;
+          continue;
+        }
+        const Pack<T, VEC> g = load_pack<T, VEC>(grad_out + row * features + p * VEC);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] += static_cast<acc_t>(g.val[v]);
+      }
+      Pack<T, VEC> out;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) out.val[v] = static_cast<T>(ok ? acc[v] : quiet_nan<acc_t>());
+      store_pack<T, VEC>(grad_x + b * features + p * VEC, out);
+    }
+  }
+}
+
+}  // namespace moce::cuda::rows

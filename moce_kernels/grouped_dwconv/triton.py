@@ -1,0 +1,527 @@
+"""``grouped_dwconv`` in Triton: ``torch.ops.moce_triton.grouped_dwconv_fwd`` / ``_bwd``.
+
+A depthwise convolution is independent per (row, channel) plane, so the experts' convolutions are
+one list of planes: program ``pid`` owns one BLOCK_H x BLOCK_W tile of plane ``pid // tiles``
+(row n = plane // C_max, channel c = plane % C_max). It finds its row's expert on the device,
+``e = #{experts whose rows end at or before n}`` over the E + 1 offsets (no host read), then that
+expert's width and kernel size from a small int32 device tensor. Channels past ``channels[e]``
+write exact zeros. The halo of the tile is read with masked, shifted loads (zero padding); the
+shifted tiles overlap, so after the first tap they come from L1/L2.
+
+Kernel sizes: each of 3, 5, 7, 9 that occurs in the call gets its own fully unrolled branch
+(``KERNEL_SET``, a compile-time bit set), and a program runs the branch of its expert's size.
+Looping to K_max with masks would issue K_max^2 taps for every expert (81 for a 3x3 next to a
+9x9: 9x the instructions), and a runtime-bounded loop cannot be unrolled; the branches cost only
+compile time, and a call with one kernel size (the trunk's 3x3 or 7x7) compiles one branch.
+
+Backward: grad x is the same convolution of grad y with the flipped kernel (``FLIP``; channels
+past ``channels[e]`` get 0, the output there does not depend on x). Grad weight / grad bias are
+deterministic without atomics: ``grouped_dwconv_bwd_weight_kernel`` writes each tile's K_e^2 tap
+sums and its sum of grad y into a float32 buffer, and ``grouped_dwconv_bwd_reduce_kernel`` sums
+them per (expert, channel) over the expert's rows and tiles in a fixed order, writing exact zeros
+outside the expert's K_e x K_e window and channels (and for experts without rows).
+
+Inputs and outputs in float32 / bfloat16 / float16 (float64 too, for gradcheck) with float32
+(float64) accumulation. Non-contiguous inputs are copied to contiguous NCHW first.
+``custom_op`` rather than ``triton_op``: see ``moce_kernels/layernorm2d/triton.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+#: The kernel sizes the kernels specialise for; bit i of KERNEL_SET stands for size 3 + 2 * i.
+KERNEL_SIZES = (3, 5, 7, 9)
+#: Output tile: 16 rows of 64 contiguous pixels (256 bytes per row in float32), 4 warps.
+_BLOCK_H = 16
+_BLOCK_W = 64
+#: Tiles (of one plane) summed per step of the weight-gradient reduction.
+_REDUCE_BLOCK_TILES = 16
+
+
+@triton.jit
+def _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
+    """(expert, its width, its kernel size) of a row, from the device offsets (rows sorted by expert)."""
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(off_ptr + 1 + es, mask=es < E, other=0)
+    # How many experts' rows end at or before this row; offsets that do not end at N would give
+    # E, so clamp to stay inside the metadata.
+    e = tl.minimum(tl.sum(((ends <= row) & (es < E)).to(tl.int32), 0), E - 1)
+    return e, tl.load(meta_ptr + e), tl.load(meta_ptr + E + e)
+
+
+@triton.jit
+def _conv_taps(
+    acc, plane_ptr, w_base, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr, FLIP: tl.constexpr
+):
+    """acc [BLOCK_H, BLOCK_W] += the KS x KS correlation of the plane with the centred kernel."""
+    PAD: tl.constexpr = (K_MAX - KS) // 2
+    R: tl.constexpr = KS // 2
+    for i in tl.static_range(KS):
+        ih = hs + (i - R)
+        row_ok = (ih >= 0) & (ih < H)
+        for j in tl.static_range(KS):
+            iw = ws + (j - R)
+            # The halo: zero padding outside the plane.
+            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            xv = tl.load(plane_ptr + ih[:, None] * W + iw[None, :], mask=mask, other=0.0)
+            # grad x = grad y correlated with the flipped kernel.
+            if FLIP:
+                wv = tl.load(w_base + (KS - 1 - i + PAD) * K_MAX + (KS - 1 - j + PAD))
+            else:
+                wv = tl.load(w_base + (i + PAD) * K_MAX + (j + PAD))
+            acc += xv.to(acc.dtype) * wv.to(acc.dtype)
+    return acc
+
+
+@triton.jit
+def _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr):
+    """part[i, j] = sum over the tile of gy[h, w] * x[h + i - R, w + j - R], for the KS x KS taps."""
+    PAD: tl.constexpr = (K_MAX - KS) // 2
+    R: tl.constexpr = KS // 2
+    for i in tl.static_range(KS):
+        ih = hs + (i - R)
+        row_ok = (ih >= 0) & (ih < H)
+        for j in tl.static_range(KS):
+            iw = ws + (j - R)
+            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            xv = tl.load(plane_ptr + ih[:, None] * W + iw[None, :], mask=mask, other=0.0)
+            tap = tl.sum(tl.sum(gy * xv.to(gy.dtype), 1), 0)
+            tl.store(part_ptr + (i + PAD) * K_MAX + (j + PAD), tap)
+
+
+@triton.jit
+def grouped_dwconv_fwd_kernel(
+    x_ptr,  # [N, C_MAX, H, W]
+    w_ptr,  # [E, C_MAX, K_MAX, K_MAX]
+    b_ptr,  # [E, C_MAX] (unused without HAS_BIAS)
+    off_ptr,  # [E + 1] int32 / int64 row offsets
+    meta_ptr,  # [2 * E] int32: channels, then kernel sizes
+    y_ptr,  # [N, C_MAX, H, W]
+    C_MAX,
+    H,
+    W,
+    E,
+    tiles_w,
+    tiles,
+    K_MAX: tl.constexpr,
+    KERNEL_SET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FLIP: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // tiles
+    tile = pid % tiles
+    row = plane // C_MAX
+    c = plane % C_MAX
+    e, c_e, k_e = _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E)
+    hs = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    ws = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W]
+    plane_ptr = x_ptr + plane * H * W
+    acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=ACC)
+    # Channels past the expert's width keep acc = 0 (no bias either).
+    if c < c_e:
+        w_base = w_ptr + (e * C_MAX + c) * (K_MAX * K_MAX)
+        # One unrolled branch per kernel size present in the call (see the module docstring).
+        if KERNEL_SET & 1:
+            if k_e == 3:
+                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 3, K_MAX, FLIP)
+        if KERNEL_SET & 2:
+            if k_e == 5:
+                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 5, K_MAX, FLIP)
+        if KERNEL_SET & 4:
+            if k_e == 7:
+                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 7, K_MAX, FLIP)
+        if KERNEL_SET & 8:
+            if k_e == 9:
+                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 9, K_MAX, FLIP)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e * C_MAX + c).to(ACC)
+    out_mask = (hs < H)[:, None] & (ws < W)[None, :]
+    out_offs = plane * H * W + hs[:, None] * W + ws[None, :]
+    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def grouped_dwconv_bwd_weight_kernel(
+    x_ptr,  # [N, C_MAX, H, W]
+    gy_ptr,  # [N, C_MAX, H, W]
+    off_ptr,  # [E + 1]
+    meta_ptr,  # [2 * E] int32
+    part_w_ptr,  # [N * C_MAX * tiles, K_MAX * K_MAX] ACC: per-tile tap sums
+    part_b_ptr,  # [N * C_MAX * tiles] ACC: per-tile sums of grad y
+    C_MAX,
+    H,
+    W,
+    E,
+    tiles_w,
+    tiles,
+    K_MAX: tl.constexpr,
+    KERNEL_SET: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // tiles
+    tile = pid % tiles
+    row = plane // C_MAX
+    c = plane % C_MAX
+    e, c_e, k_e = _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E)
+    # Planes past the expert's channels write nothing: the reduction never reads them.
+    if c < c_e:
+        hs = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ws = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+        out_mask = (hs < H)[:, None] & (ws < W)[None, :]
+        gy = tl.load(gy_ptr + plane * H * W + hs[:, None] * W + ws[None, :], mask=out_mask, other=0.0)
+        gy = gy.to(ACC)
+        tl.store(part_b_ptr + pid, tl.sum(tl.sum(gy, 1), 0))
+        plane_ptr = x_ptr + plane * H * W
+        part_ptr = part_w_ptr + pid * (K_MAX * K_MAX)
+        if KERNEL_SET & 1:
+            if k_e == 3:
+                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 3, K_MAX)
+        if KERNEL_SET & 2:
+            if k_e == 5:
+                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 5, K_MAX)
+        if KERNEL_SET & 4:
+            if k_e == 7:
+                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 7, K_MAX)
+        if KERNEL_SET & 8:
+            if k_e == 9:
+                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 9, K_MAX)
+
+
+@triton.jit
+def grouped_dwconv_bwd_reduce_kernel(
+    part_w_ptr,  # [N * C_MAX * tiles, K_MAX * K_MAX] ACC
+    part_b_ptr,  # [N * C_MAX * tiles] ACC
+    off_ptr,  # [E + 1]
+    meta_ptr,  # [2 * E] int32
+    gw_ptr,  # [E, C_MAX, K_MAX, K_MAX]
+    gb_ptr,  # [E, C_MAX]
+    C_MAX,
+    E,
+    tiles,
+    K_MAX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # One program per (expert, channel): its rows in order, each row's tiles in order.
+    pid = tl.program_id(0).to(tl.int64)
+    e = pid // C_MAX
+    c = pid % C_MAX
+    lo = tl.load(off_ptr + e).to(tl.int64)
+    hi = tl.load(off_ptr + e + 1).to(tl.int64)
+    c_e = tl.load(meta_ptr + e)
+    k_e = tl.load(meta_ptr + E + e)
+    # A channel past the expert's width was never written: sum over no rows (exact zeros).
+    hi = tl.where(c < c_e, hi, lo)
+    taps = tl.arange(0, BLOCK_T)
+    ti = taps // K_MAX
+    tj = taps % K_MAX
+    pad = (K_MAX - k_e) // 2
+    in_window = (taps < K_MAX * K_MAX) & (ti >= pad) & (ti < pad + k_e) & (tj >= pad) & (tj < pad + k_e)
+    tile_ids = tl.arange(0, BLOCK_TILES)
+    acc_w = tl.zeros([BLOCK_TILES, BLOCK_T], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_TILES], dtype=ACC)
+    for n in range(lo, hi):
+        first = (n * C_MAX + c) * tiles
+        for t0 in range(0, tiles, BLOCK_TILES):
+            t = t0 + tile_ids
+            t_ok = t < tiles
+            acc_w += tl.load(
+                part_w_ptr + (first + t)[:, None] * (K_MAX * K_MAX) + taps[None, :],
+                mask=t_ok[:, None] & in_window[None, :],
+                other=0.0,
+            )
+            acc_b += tl.load(part_b_ptr + first + t, mask=t_ok, other=0.0)
+    gw = tl.sum(acc_w, 0)
+    tl.store(gw_ptr + pid * (K_MAX * K_MAX) + taps, gw.to(gw_ptr.dtype.element_ty), mask=taps < K_MAX * K_MAX)
+    tl.store(gb_ptr + pid, tl.sum(acc_b, 0).to(gb_ptr.dtype.element_ty))
+
+
+# --- host launchers ------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer that a kernel fills completely (the tests swap in NaN-filled ones)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (a no-op on the CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _acc_dtype(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _metadata(channels: tuple[int, ...], kernel_sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[2 * E] int32 on ``device``: channels, then kernel sizes.
+
+    Cached: the same few expert configurations come back at every call, and copying a fresh host
+    list to the GPU each time would be a synchronous copy per call. The first call of a
+    configuration does that copy, so run one before capturing a CUDA graph.
+    """
+    return torch.tensor([*channels, *kernel_sizes], dtype=torch.int32).to(device)
+
+
+def _kernel_set(kernel_sizes: list[int]) -> int:
+    bits = 0
+    for k in kernel_sizes:
+        if k not in KERNEL_SIZES:
+            raise ValueError(f"grouped_dwconv (Triton): kernel sizes must be in {KERNEL_SIZES}, got {k}")
+        bits |= 1 << ((k - 3) // 2)
+    return bits
+
+
+def _tiles(H: int, W: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_W, tiles along W, tiles per plane); small planes get small tiles."""
+    block_w = min(_BLOCK_W, triton.next_power_of_2(max(W, 1)))
+    block_h = min(max(1, (_BLOCK_H * _BLOCK_W) // block_w), triton.next_power_of_2(max(H, 1)))
+    tiles_w = triton.cdiv(W, block_w)
+    return block_h, block_w, tiles_w, triton.cdiv(H, block_h) * tiles_w
+
+
+def _check_layout(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, channels, kernel_sizes):
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"x and weight must be 4-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    num_experts = weight.shape[0]
+    if (
+        offsets.shape != (num_experts + 1,)
+        or len(channels) != num_experts
+        or len(kernel_sizes) != num_experts
+    ):
+        raise ValueError(
+            f"offsets must be [E + 1] and channels / kernel_sizes E long for E = {num_experts}, got "
+            f"{tuple(offsets.shape)}, {len(channels)}, {len(kernel_sizes)}"
+        )
+    if weight.shape[1] != x.shape[1] or weight.shape[2] != weight.shape[3] or weight.shape[3] % 2 == 0:
+        raise ValueError(f"weight must be [E, C_max, K_max, K_max], K_max odd; got {tuple(weight.shape)}")
+    if any(k > weight.shape[-1] for k in kernel_sizes) or any(not 1 <= c <= x.shape[1] for c in channels):
+        raise ValueError("each kernel size must be <= K_max and each width in 1..C_max")
+
+
+def grouped_dwconv_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    channels: list[int],
+    kernel_sizes: list[int],
+) -> torch.Tensor:
+    """y [N, C_max, H, W] in x's dtype (see ``moce_kernels.grouped_dwconv``)."""
+    _check_layout(x, weight, offsets, channels, kernel_sizes)
+    x, weight, offsets = x.contiguous(), weight.contiguous(), offsets.contiguous()
+    N, C_max, H, W = x.shape
+    y = _empty(x.shape, x.dtype, x.device)
+    if y.numel() == 0:
+        return y
+    kernel_set = _kernel_set(kernel_sizes)
+    meta = _metadata(tuple(channels), tuple(kernel_sizes), x.device)
+    block_h, block_w, tiles_w, tiles = _tiles(H, W)
+    num_experts = weight.shape[0]
+    with _device_guard(x):
+        grouped_dwconv_fwd_kernel[(N * C_max * tiles,)](
+            x, weight, x if bias is None else bias.contiguous(), offsets, meta, y,
+            C_max, H, W, num_experts, tiles_w, tiles,
+            K_MAX=weight.shape[-1], KERNEL_SET=kernel_set, HAS_BIAS=bias is not None, FLIP=False,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_H=block_h, BLOCK_W=block_w,
+            ACC=_acc_dtype(x)[1], num_warps=4,
+        )  # fmt: skip
+    return y
+
+
+def grouped_dwconv_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    channels: list[int],
+    kernel_sizes: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x [N, C_max, H, W], grad weight [E, C_max, K_max, K_max], grad bias [E, C_max]).
+
+    Grad weight and grad bias in weight's dtype, zero outside each expert's window and channels
+    and for experts without rows; the same bits on every run.
+    """
+    _check_layout(x, weight, offsets, channels, kernel_sizes)
+    grad_y, x, weight, offsets = (t.contiguous() for t in (grad_y, x, weight, offsets))
+    N, C_max, H, W = x.shape
+    num_experts, k_max = weight.shape[0], weight.shape[-1]
+    acc_torch, acc_tl = _acc_dtype(x)
+    grad_x = _empty(x.shape, x.dtype, x.device)
+    grad_weight = _empty(weight.shape, weight.dtype, weight.device)
+    grad_bias = _empty((num_experts, C_max), weight.dtype, weight.device)
+    if x.numel() == 0:
+        grad_weight.zero_()
+        grad_bias.zero_()
+        return grad_x, grad_weight, grad_bias
+    kernel_set = _kernel_set(kernel_sizes)
+    meta = _metadata(tuple(channels), tuple(kernel_sizes), x.device)
+    block_h, block_w, tiles_w, tiles = _tiles(H, W)
+    block_e = triton.next_power_of_2(num_experts)
+    programs = N * C_max * tiles
+    with _device_guard(x):
+        grouped_dwconv_fwd_kernel[(programs,)](
+            grad_y, weight, grad_y, offsets, meta, grad_x,
+            C_max, H, W, num_experts, tiles_w, tiles,
+            K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=False, FLIP=True,
+            BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_W=block_w, ACC=acc_tl, num_warps=4,
+        )  # fmt: skip
+        # Only the (plane, tile, tap) entries the reduction reads are written: no need to clear.
+        part_w = _empty((programs, k_max * k_max), acc_torch, x.device)
+        part_b = _empty((programs,), acc_torch, x.device)
+        grouped_dwconv_bwd_weight_kernel[(programs,)](
+            x, grad_y, offsets, meta, part_w, part_b,
+            C_max, H, W, num_experts, tiles_w, tiles,
+            K_MAX=k_max, KERNEL_SET=kernel_set,
+            BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_W=block_w, ACC=acc_tl, num_warps=4,
+        )  # fmt: skip
+        grouped_dwconv_bwd_reduce_kernel[(num_experts * C_max,)](
+            part_w, part_b, offsets, meta, grad_weight, grad_bias, C_max, num_experts, tiles,
+            K_MAX=k_max, BLOCK_T=triton.next_power_of_2(k_max * k_max),
+            BLOCK_TILES=min(_REDUCE_BLOCK_TILES, triton.next_power_of_2(tiles)), ACC=acc_tl, num_warps=4,
+        )  # fmt: skip
+    return grad_x, grad_weight, grad_bias
+
+
+# --- torch.library registration ----------------------------------------------------------------
+
+
+def _grouped_dwconv_fwd_fake(x, weight, bias, offsets, channels, kernel_sizes):
+    return x.new_empty(x.shape)
+
+
+def _grouped_dwconv_bwd_fake(grad_y, x, weight, offsets, channels, kernel_sizes):
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        weight.new_empty((weight.shape[0], x.shape[1])),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, offsets, channels, kernel_sizes = inputs
+    ctx.save_for_backward(x, weight, offsets)
+    ctx.channels, ctx.kernel_sizes = channels, kernel_sizes
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_y):
+    x, weight, offsets = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.moce_triton.grouped_dwconv_bwd(
+        grad_y.contiguous(), x, weight, offsets, ctx.channels, ctx.kernel_sizes
+    )
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    return (
+        grad_x if need_x else None,
+        grad_weight if need_weight else None,
+        grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "moce_triton::grouped_dwconv: double backward (differentiating the gradient) is not "
+        "supported by the Triton kernels; use backend='reference'"
+    )
+
+
+def _register() -> None:
+    # Defined once per process: a reload of this module finds the ops already there.
+    if hasattr(torch.ops.moce_triton, "grouped_dwconv_fwd"):
+        return
+    fwd = torch.library.custom_op("moce_triton::grouped_dwconv_fwd", mutates_args=())(grouped_dwconv_fwd)
+    bwd = torch.library.custom_op("moce_triton::grouped_dwconv_bwd", mutates_args=())(grouped_dwconv_bwd)
+    fwd.register_fake(_grouped_dwconv_fwd_fake)
+    bwd.register_fake(_grouped_dwconv_bwd_fake)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_register()
+
+
+def grouped_dwconv_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    channels: list[int],
+    kernel_sizes: list[int],
+) -> torch.Tensor:
+    """Every expert's depthwise convolution in one Triton launch (GPU, or the interpreter).
+
+    Arguments as ``moce_kernels.grouped_dwconv`` (which validates them first): x [N, C_max, H, W],
+    weight [E, C_max, K_max, K_max], bias [E, C_max] or None, offsets [E + 1] on x's device (never
+    read on the host), channels and kernel_sizes lists of E ints (sizes in 3, 5, 7, 9).
+    Non-contiguous x / weight are copied to contiguous first. Returns [N, C_max, H, W] contiguous
+    in x's dtype, exact zeros past each expert's channels; differentiable in x, weight and bias.
+    """
+    return torch.ops.moce_triton.grouped_dwconv_fwd(
+        x.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        offsets.contiguous(),
+        list(channels),
+        list(kernel_sizes),
+    )
+
+
+def depthwise_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` on the grouped kernel (one expert).
+
+    Args:
+        x: [N, C, H, W] float; copied to contiguous NCHW when it is not.
+        weight: [C, 1, K, K] in x's dtype, K in 3, 5, 7, 9 (the trunk's 3x3 and 7x7 convolutions).
+        bias: [C] in x's dtype, or None.
+
+    Returns:
+        [N, C, H, W] in x's dtype; differentiable in x, weight and bias.
+
+    Raises:
+        ValueError / TypeError: wrong rank, shape, kernel size or dtype.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    if weight.dim() != 4 or weight.shape[:2] != (channels, 1) or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be [C, 1, K, K] with C = {channels}, got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k not in KERNEL_SIZES:
+        raise ValueError(f"kernel size must be one of {KERNEL_SIZES}, got {k}")
+    if bias is not None and tuple(bias.shape) != (channels,):
+        raise ValueError(f"bias must have shape ({channels},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(
+                f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}"
+            )
+    # offsets [0, N] made on the device: no host-to-device copy (and no sync) per call.
+    offsets = torch.arange(2, dtype=torch.int64, device=x.device) * x.shape[0]
+    return grouped_dwconv_triton(
+        x,
+        weight.reshape(1, channels, k, k),
+        None if bias is None else bias.reshape(1, channels),
+        offsets,
+        [channels],
+        [k],
+    )

@@ -1,0 +1,201 @@
+"""The benchmark harness: provider discovery, every op's setup at toy sizes, byte counting,
+the time breakdown and the order of the model jobs."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import common, models, ops
+from moce_kernels import _backend
+from moceir.layers.norm import LayerNorm2d
+
+
+def resolves(op: str, backend: str, device: torch.device) -> bool:
+    try:
+        return _backend.resolve_backend(op, backend, device) == backend
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("op", common.OPS)
+def test_cpu_providers_are_what_resolve_backend_accepts(op):
+    cpu = torch.device("cpu")
+    providers, unavailable = common.op_providers(op, cpu)
+    assert providers[0] == "reference"
+    # conftest sets TRITON_INTERPRET=1, so resolve_backend may accept Triton here: the harness
+    # still never times the interpreter.
+    assert "triton" not in providers
+    assert "Triton numbers need a CUDA GPU" in unavailable["triton"]
+    assert ("cpu" in providers) == resolves(op, "cpu", cpu)
+    assert "cuda" not in providers and unavailable["cuda"]
+    assert set(providers[1:]) | set(unavailable) == set(common.FAST_BACKENDS)
+
+
+def test_new_backends_are_discovered_without_editing_the_harness(monkeypatch):
+    """Whatever resolve_backend accepts on a GPU is timed, in a fixed order."""
+    accepted = {("grouped_dwconv", "triton"), ("grouped_dwconv", "cuda")}
+
+    def fake_resolve(op, backend, device):
+        if (op, backend) in accepted and device.type == "cuda":
+            return backend
+        raise RuntimeError(f"{op}: no {backend}")
+
+    monkeypatch.setattr(_backend, "resolve_backend", fake_resolve)
+    gpu = torch.device("cuda")
+    assert common.op_providers("grouped_dwconv", gpu)[0] == ["reference", "triton", "cuda"]
+    providers, unavailable = common.op_providers("layernorm2d", gpu)
+    assert providers == ["reference"]
+    assert unavailable == {b: f"layernorm2d: no {b}" for b in ("triton", "cuda", "cpu")}
+    accepted.add(("layernorm2d", "triton"))
+    assert common.op_providers("layernorm2d", gpu)[0] == ["reference", "triton"]
+
+
+def test_measure_gives_a_median_of_several_samples():
+    calls = []
+    t = common.measure(lambda: calls.append(1), torch.device("cpu"), min_time_s=0.01)
+    assert t.samples >= 1 and 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+    assert len(calls) > 3
+
+
+def test_every_op_runs_at_toy_sizes_and_matches_its_reference(monkeypatch):
+    timed = []
+
+    def one_call(fn, device, **kwargs):  # the harness's logic, not the timer's: one call each
+        fn()
+        timed.append(fn)
+        return common.Timing(1.0, 0.9, 1.1, 1)
+
+    monkeypatch.setattr(ops, "measure", one_call)
+    cpu = torch.device("cpu")
+    ceil = {"copy_gb_per_s": 10.0, "matmul_tflops": {"float32": 0.1}}
+    rows: list[dict] = []
+    for op in common.OPS:
+        ops.run_op(op, cpu, [torch.float32], "tiny", ceil, rows.append, common.Deadline())
+    assert len(timed) == len(rows)
+    assert {r["op"] for r in rows} == set(common.OPS)
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    for r in rows:
+        assert r["median_ms"] == 1.0 and r["bytes"] > 0
+        assert r["gb_per_s"] == pytest.approx(r["bytes"] / 1e6)
+        floor = max(r["bytes"] / 10e9 * 1e3, r["flops"] / 0.1e12 * 1e3)
+        assert r["roofline_fraction"] == pytest.approx(floor / 1.0)
+        # Forward rows compare outputs, the others gradients, with the reference of the same case.
+        assert r["rel_err"] <= (0 if r["provider"] == "reference" else 1e-5)
+    for op in common.OPS:
+        modes = {r["mode"] for r in rows if r["op"] == op}
+        assert modes == set(ops.MODES)
+
+
+def test_bytes_moved_are_the_kernels_inputs_and_outputs():
+    cpu = torch.device("cpu")
+    (dispatch,) = ops.bench_dispatch(ops.SIZES["tiny"], cpu, torch.float32)
+    x = dispatch.inputs[0]
+    size = x.numel() * 4
+    assert dispatch.bytes_moved == {"forward": 2 * size, "backward": 2 * size, "full": 4 * size}
+    (ln,) = ops.bench_layernorm2d(ops.SIZES["tiny"], cpu, torch.bfloat16)
+    x, w, b = ln.inputs
+    assert ln.bytes_moved["forward"] == 2 * x.numel() * 2 + 2 * w.numel() * 2
+
+
+def test_expired_deadline_skips_and_says_so():
+    rows: list[dict] = []
+    ceil = {"copy_gb_per_s": 10.0, "matmul_tflops": {}}
+    ops.run_op(
+        "dispatch", torch.device("cpu"), [torch.float32], "tiny", ceil, rows.append, common.Deadline(0.0)
+    )
+    assert rows and all(r["status"] == "skipped" and "budget" in r["error"] for r in rows)
+
+
+def test_routing_spread_is_the_complexity_biased_one():
+    plan = ops._plan(8, torch.device("cpu"))
+    assert plan.counts.tolist() == [3, 2, 2, 1]
+
+
+def test_byte_counter_counts_inputs_and_outputs_once_and_skips_views():
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(4, 4, 3, 3)
+    dst = torch.empty(2, 4, 8, 8)
+    counter = models.ByteCounter()
+    with torch.no_grad(), counter:
+        y = F.conv2d(x, w, padding=1)
+        y.view(-1)[:10]  # views move nothing
+        dst.copy_(x)  # reads x, writes dst
+    assert counter.total == 4 * (x.numel() + w.numel() + y.numel()) + 4 * 2 * x.numel()
+    assert set(counter.by_op) == {"aten::convolution", "aten::copy_"}
+
+
+def test_breakdown_splits_self_time_by_module_type():
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Conv2d(8, 16, 1),
+        LayerNorm2d(16),
+        nn.Conv2d(16, 3, 3, padding=1),
+    )
+    x = torch.randn(2, 8, 32, 32)
+
+    def run():
+        with torch.no_grad():
+            return model(x)
+
+    split = models.breakdown(model, run, torch.device("cpu"))
+    names = {c["category"] for c in split["categories"]}
+    assert {"conv depthwise 3x3", "conv 1x1", "layernorm", "conv 3x3", "Sequential"} <= names
+    assert split["total_ms"] > 0
+    assert sum(c["ms"] for c in split["categories"]) == pytest.approx(split["total_ms"], rel=1e-6)
+    # The hooks are gone afterwards.
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_model_jobs_run_the_main_eager_workloads_first():
+    wls = models.workloads(torch.device("cuda"), "full")
+    assert wls[0].kind == "video" and (wls[0].height, wls[0].width) == (1080, 1920)
+    assert any(w.kind == "training" and w.batch == 8 and w.precision == "bf16-autocast" for w in wls)
+    assert any(w.kind == "inference" and (w.batch, w.height) == (16, 256) for w in wls)
+    jobs = models.plan_jobs(wls, ["reference", "triton"], compile_reference=True, size="full")
+    main = wls[: models.MAIN_WORKLOADS]
+    first = jobs[: 2 * len(main)]
+    assert all(wl in main and p != "compiled-reference" for wl, p in first)
+    wl, provider = jobs[2 * len(main)]
+    assert provider == "compiled-reference" and wl.kind == "training"
+    assert len(jobs) == 2 * len(wls) + sum(w.compile for w in wls)
+    no_compile = models.plan_jobs(wls, ["reference"], compile_reference=False, size="full")
+    assert all(p == "reference" for _, p in no_compile)
+
+
+def test_model_providers_on_the_cpu():
+    model = models.ModelBench(torch.device("cpu"), {}, overrides=models.TINY_OVERRIDES).base
+    providers, unavailable = models.model_providers(model, torch.device("cpu"))
+    assert providers[:2] == ["reference", "auto"]
+    assert "triton" not in providers and "GPU" in unavailable["triton"]
+    assert "cuda" not in providers
+    assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
+
+
+def test_a_provider_without_backward_still_gets_its_forward_timed(monkeypatch):
+    """A fast forward whose output carries no autograd graph: forward timed, the rest errors."""
+    dispatch_module = sys.modules["moce_kernels.dispatch"]
+    monkeypatch.setattr(ops, "op_providers", lambda op, device: (["reference", "cpu"], {}))
+    monkeypatch.setattr(
+        dispatch_module,
+        "resolve_backend",
+        lambda op, backend, device: "reference" if backend == "reference" else "cpu",
+    )
+    monkeypatch.setattr(
+        dispatch_module,
+        "implementation",
+        lambda op, backend: lambda x, plan: dispatch_module.dispatch_reference(x, plan).detach(),
+    )
+    monkeypatch.setattr(ops, "measure", lambda fn, device, **kw: common.Timing(1.0, 1.0, 1.0, 1))
+    rows: list[dict] = []
+    ceil = {"copy_gb_per_s": 10.0, "matmul_tflops": {}}
+    ops.run_op("dispatch", torch.device("cpu"), [torch.float32], "tiny", ceil, rows.append, common.Deadline())
+    by_mode = {r["mode"]: r for r in rows if r["provider"] == "cpu"}
+    assert by_mode["forward"]["status"] == "ok" and by_mode["forward"]["rel_err"] == 0
+    for mode in ("backward", "full"):
+        assert by_mode[mode]["status"] == "error" and "grad" in by_mode[mode]["error"]
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "reference")

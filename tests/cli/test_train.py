@@ -1,0 +1,242 @@
+"""``moceir train``: resume to the same weights, atomic checkpoints, Ctrl-C, recipe checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moceir
+from moceir import train as train_mod
+from moceir.cli import main
+from moceir.train import Recipe, lr_at, read_training_checkpoint
+from tests.cli.conftest import TINY_ARGS, write_image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_args(data: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
+    # The reference backend: these tests check the training logic (bit-exact resume), whatever
+    # state the fast kernels are in.
+    fixed = (
+        "--tasks denoise_25 derain dehaze --crop 16 --batch-size 2 --workers 0 --warmup-steps 2 "
+        "--save-every 1000 --log-every 1 --quiet --backend reference"
+    )
+    return [
+        "train", "--data", str(data), "--out", str(out), "--steps", str(steps), *fixed.split(),
+        "--model-override", *TINY_ARGS, *extra,
+    ]  # fmt: skip
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not diff, f"{len(diff)} tensors differ, e.g. {list(diff.items())[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(official_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert main(train_args(official_data, out)) == 0
+    return out
+
+
+def test_uninterrupted_run_writes_weights_checkpoint_and_log(uninterrupted):
+    model = moceir.load_checkpoint(uninterrupted / "model.safetensors")
+    assert model.config.dim == 8
+    ckpt = uninterrupted / "checkpoints" / (uninterrupted / "checkpoints" / "latest").read_text().strip()
+    state, optim, meta = read_training_checkpoint(ckpt)
+    assert meta["step"] == 4 and meta["recipe"]["total_steps"] == 4
+    assert any(k.endswith("/exp_avg") for k in optim)
+    log = (uninterrupted / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,lr,loss") and len(log) == 5
+    losses = [float(line.split(",")[3]) for line in log[1:]]
+    assert all(np.isfinite(losses))
+    run = json.loads((uninterrupted / "run.json").read_text())
+    assert run["mode"] == "official" and run["recipe"]["lr"] == 2e-4
+
+
+def test_stop_and_resume_gives_the_same_weights(official_data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(official_data, out, "--stop-after", "2")) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert not (out / "model.safetensors").exists()
+    assert main(train_args(official_data, out, "--resume")) == 0
+    assert_same(weights(out / "model.safetensors"), weights(uninterrupted / "model.safetensors"))
+    _, a, _ = read_training_checkpoint(out / "checkpoints" / "step_00000004")
+    _, b, _ = read_training_checkpoint(uninterrupted / "checkpoints" / "step_00000004")
+    assert_same(a, b)  # AdamW moments and step counts too
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(
+    official_data, uninterrupted, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    real_save, calls = train_mod.save_file, []
+
+    def flaky_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the optimiser file of the 3rd checkpoint: Ctrl-C mid-write
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_file", flaky_save)
+    assert main(train_args(official_data, out, "--save-every", "1")) == 130
+    monkeypatch.setattr(train_mod, "save_file", real_save)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latest",
+        "step_00000001",
+        "step_00000002",
+    ]  # no debris
+    read_training_checkpoint(ckpts / "step_00000002")  # intact
+    assert main(train_args(official_data, out, "--resume")) == 0
+    assert_same(weights(out / "model.safetensors"), weights(uninterrupted / "model.safetensors"))
+
+
+def test_resume_refuses_a_changed_recipe_or_data(official_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(official_data, out, "--stop-after", "1")) == 0
+    assert main(train_args(official_data, out, "--resume", "--lr", "1e-3")) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert main(train_args(official_data, out)) == 2  # no --resume: refuses to clobber the run
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(train_args(official_data, out, "--resume", "--batch-size", "1")) == 2
+    assert "global batch" in capsys.readouterr().err
+    # the same global batch split differently is fine (1 x 2 accumulation)
+    split = "--resume --batch-size 1 --accumulation 2 --stop-after 1".split()
+    assert main(train_args(official_data, out, *split)) == 0
+
+
+def test_resume_refuses_changed_data(tmp_path, capsys):
+    clean = tmp_path / "clean"
+    for i in range(3):
+        write_image(clean / f"{i}.png", 20, 20, i)
+    out = tmp_path / "run"
+    assert main(train_args(clean, out, "--stop-after", "1")) == 0
+    write_image(clean / "new.png", 20, 20, 9)
+    assert main(train_args(clean, out, "--resume")) == 2
+    assert "training data changed" in capsys.readouterr().err
+    assert main(train_args(clean, out, "--resume", "--allow-data-change")) == 0
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(official_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(official_data, out, "--stop-after", "1")) == 0
+    (out / "checkpoints" / "step_00000001" / "trainer.safetensors").write_bytes(b"garbage")
+    assert main(train_args(official_data, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "Traceback" not in err
+    assert main(train_args(official_data, out, "--resume", str(tmp_path / "nowhere"))) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_fp16_autocast_with_a_grad_scaler_resumes_exactly(official_data, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(train_args(official_data, full, "--amp", "fp16", steps=2)) == 0
+    assert main(train_args(official_data, part, "--amp", "fp16", "--stop-after", "1", steps=2)) == 0
+    assert main(train_args(official_data, part, "--amp", "fp16", "--resume", steps=2)) == 0
+    assert_same(weights(full / "model.safetensors"), weights(part / "model.safetensors"))
+    _, _, meta = read_training_checkpoint(part / "checkpoints" / "step_00000002")
+    assert meta["scaler"]["scale"] > 0
+
+
+def test_clean_folder_trains_on_synthetic_degradations_with_amp_and_accumulation(tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    for i in range(3):
+        write_image(clean / "sub" / f"{i}.jpg", 18, 22, i)
+    scalars = []
+
+    class FakeWriter:  # TensorBoard, when installed, gets the scalars
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = tmp_path / "run"
+    extra = "--amp bf16 --accumulation 2 --tasks denoise_50 lowlight deblur".split()
+    args = train_args(clean, out, *extra, steps=2)
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["mode"] == "synthetic" and run["examples"] == 9 and run["recipe"]["global_batch"] == 4
+    tags = {t for t, _, _ in scalars}
+    assert {"loss/loss", "loss/l1", "loss/fft", "loss/aux", "lr", "images_per_s"} <= tags
+    assert any(t.startswith("routing/dec0_expert") for t in tags)
+
+
+def test_missing_dataset_folder_is_named(tmp_path, capsys):
+    (tmp_path / "deraining").mkdir()
+    assert main(train_args(tmp_path, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "folder not found" in err and "denoising/BSD400" in err and "expected layout" in err
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+    r = Recipe(lr=1.0, warmup_steps=4, total_steps=14)
+    lrs = [lr_at(s, r) for s in range(14)]
+    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5) and lrs[13] < 0.03
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(official_data, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(official_data, out, steps=100000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moceir", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while not (out / "log.csv").exists() and time.time() < deadline:  # a step has run
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "stop requested" in err
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert step >= 1
+    state, _, meta = read_training_checkpoint(out / "checkpoints" / f"step_{step:08d}")
+    assert meta["step"] == step
+    assert main(train_args(official_data, out, "--resume", "--stop-after", "1", steps=100000)) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step + 1:08d}"
+
+
+def test_restore_and_test_accept_a_training_run_folder(official_data, uninterrupted, tmp_path):
+    image = write_image(tmp_path / "a.png", 16, 16, 0)
+    args = ["restore", str(image), "-o", str(tmp_path / "out"), "--quiet", "--checkpoint"]
+    assert main([*args, str(uninterrupted)]) == 0  # its model.safetensors
+    stopped = tmp_path / "stopped"
+    assert main(train_args(official_data, stopped, "--stop-after", "1")) == 0
+    assert main([*args, str(stopped), "--overwrite"]) == 0  # its latest checkpoint
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["weights"].endswith("step_00000001/model.safetensors")
