@@ -258,7 +258,9 @@ elif run_stage build "${BUILD[@]}"; then
 fi
 
 # ---- tests on the GPU ----------------------------------------------------------------------
-PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rfE --durations=10 --ignore=tests/benchmarks)
+# pytest through benchmarks.interruptible: the budget's SIGINT must reach it even when this
+# script runs in the background (pytest then still writes its junit file).
+PYTEST=("$PY" -m benchmarks.interruptible pytest -p no:cacheprovider -q -rfE --durations=10 --ignore=tests/benchmarks)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
 TESTS_GPU=("${PYTEST[@]}" -m gpu --junitxml="$OUTDIR/results/pytest-tests-gpu.xml")
 if ((DRY_RUN)); then dry_stage tests-gpu "${TESTS_GPU[@]}"; else run_stage tests-gpu "${TESTS_GPU[@]}"; fi

@@ -554,7 +554,10 @@ def run_models(
         if wl.scaled_from:
             base["scaled_from"] = list(wl.scaled_from)
         compiling = provider == "compiled-reference" and size != "tiny"
-        need = COMPILE_NEEDS_S if compiling else 2 * cost_s.get((wl, "reference"), 5.0)
+        # An eager job needs about what the reference took on this workload (before it has run:
+        # what the last job took), twice over for safety.
+        last = list(cost_s.values())[-1] if cost_s else 2.5
+        need = COMPILE_NEEDS_S if compiling else 2 * cost_s.get((wl, "reference"), last)
         if not deadline.allows(need):
             emit(base | {"status": "skipped", "error": f"out of time budget (needs ~{need:.0f} s)"})
             continue

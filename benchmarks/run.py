@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     compile_group = parser.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None)
     compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds; stop cleanly after them")
     parser.add_argument("--deadline", type=float, default=None, help="absolute time.time() to stop by")
     parser.add_argument("--name", default="", help="extra word in the result file's name")
@@ -91,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     suites = SUITES if args.suite == "all" else (args.suite,)
     deadline = Deadline(args.deadline) if args.deadline else Deadline.after(args.budget)
-    # The device check stops us with SIGINT or SIGTERM: both end the run as "incomplete".
+    # The device check stops us with SIGINT (or SIGTERM): both end the run as "incomplete". Set
+    # both, as SIGINT arrives ignored in a process a script started in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['build']}")
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 compile_reference=args.compile,
                 kinds=tuple(args.workloads.split(",")),
                 min_time_s=0.05 if size == "tiny" else 0.3,
-                min_samples=1 if size == "tiny" else 5,
+                min_samples=1 if size == "tiny" else 5 if device.type == "cuda" else 3,
             )
             results.payload["unavailable"]["moce_ir_s"] = why
         results.payload["complete"] = not any(r["status"] == "skipped" for r in results.payload["results"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -104,7 +105,8 @@ def test_dry_run_end_to_end(tmp_path: Path):
     results = sorted((tmp_path / "results").glob("cpu-*.json"))
     assert results, "no result file written"
     rows = [r for path in results for r in json.loads(path.read_text())["results"]]
-    assert {r["op"] for r in rows if r["suite"] == "ops"} >= {"route", "dispatch"}
+    if status["bench-ops"][0] == "ok":  # a loaded machine may spend the budget before any row
+        assert {r["op"] for r in rows if r["suite"] == "ops"} >= {"route", "dispatch"}
     assert status["bench-models"][0] in ("ok", "timeout (budget)", "skipped (budget)")
     assert status["report"][0] == "ok"
     assert "# Benchmark results" in (tmp_path / "RESULTS.md").read_text()
@@ -129,3 +131,16 @@ def test_budget_stops_cleanly_and_still_reports(tmp_path: Path):
     ]
     assert cut, status
     assert "stage" in done.stdout.strip().splitlines()[-len(STAGES) - 1]
+
+
+def test_interruptible_restores_sigint_that_a_background_start_ignores():
+    """The budget stops pytest and the benchmarks with SIGINT: it must arrive even when the
+    script was started in the background (SIGINT ignored on entry, which Python keeps)."""
+    command = f"trap '' INT; exec '{sys.executable}' -m benchmarks.interruptible timeit -n 10000000000 pass"
+    proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err
