@@ -1,12 +1,13 @@
 """``grouped_dwconv`` in Triton: ``torch.ops.moce_triton.grouped_dwconv_fwd`` / ``_bwd``.
 
 A depthwise convolution is independent per (row, channel) plane, so the experts' convolutions are
-one list of planes: program ``pid`` owns one BLOCK_H x BLOCK_W tile of plane ``pid // tiles``
-(row n = plane // C_max, channel c = plane % C_max). It finds its row's expert on the device,
-``e = #{experts whose rows end at or before n}`` over the E + 1 offsets (no host read), then that
-expert's width and kernel size from a small int32 device tensor. Channels past ``channels[e]``
-write exact zeros. The halo of the tile is read with masked, shifted loads (zero padding); the
-shifted tiles overlap, so after the first tap they come from L1/L2.
+one list of planes: a program owns one BLOCK_H x BLOCK_W tile of BLOCK_C consecutive channels of
+one row n (small planes get small tiles and more channels, so that a program always has work).
+It finds its row's expert on the device, ``e = #{experts whose rows end at or before n}`` over the
+E + 1 offsets (no host read), then that expert's width and kernel size from a small int32 device
+tensor. Channels past ``channels[e]`` write exact zeros (a block wholly past them skips the taps).
+The halo of the tile is read with masked, shifted loads (zero padding); the shifted tiles overlap,
+so after the first tap they come from L1/L2.
 
 Kernel sizes: each of 3, 5, 7, 9 that occurs in the call gets its own fully unrolled branch
 (``KERNEL_SET``, a compile-time bit set), and a program runs the branch of its expert's size.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -37,11 +39,15 @@ import triton.language as tl
 
 #: The kernel sizes the kernels specialise for; bit i of KERNEL_SET stands for size 3 + 2 * i.
 KERNEL_SIZES = (3, 5, 7, 9)
-#: Output tile: 16 rows of 64 contiguous pixels (256 bytes per row in float32), 4 warps.
+#: Largest spatial tile: 16 rows of 64 contiguous pixels (256 bytes per row in float32).
 _BLOCK_H = 16
 _BLOCK_W = 64
-#: Tiles (of one plane) summed per step of the weight-gradient reduction.
-_REDUCE_BLOCK_TILES = 16
+#: Elements per program (BLOCK_C * BLOCK_H * BLOCK_W): small planes take more channels, 16
+#: accumulators per thread with 4 warps.
+_TILE_ELEMENTS = 2048
+#: The same under the Triton interpreter (CPU tests), which pays per program and per operation
+#: rather than per element, and has no registers to run out of.
+_INTERPRETER_TILE_ELEMENTS = 16384
 
 
 @triton.jit
@@ -56,10 +62,18 @@ def _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _tile_pixels(tile, tiles_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row and column of each pixel of a BLOCK_H x BLOCK_W tile, flattened: ([BLOCK_HW], [BLOCK_HW])."""
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    return (tile // tiles_w) * BLOCK_H + p // BLOCK_W, (tile % tiles_w) * BLOCK_W + p % BLOCK_W
+
+
+@triton.jit
 def _conv_taps(
-    acc, plane_ptr, w_base, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr, FLIP: tl.constexpr
+    acc, planes, w_base, chan_ok, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr, FLIP: tl.constexpr
 ):
-    """acc [BLOCK_H, BLOCK_W] += the KS x KS correlation of the plane with the centred kernel."""
+    """acc [BLOCK_C, BLOCK_HW] += the KS x KS correlation of each channel's plane with its centred
+    kernel. ``planes`` / ``w_base``: [BLOCK_C] pointers to the channels' planes / K_MAX windows."""
     PAD: tl.constexpr = (K_MAX - KS) // 2
     R: tl.constexpr = KS // 2
     for i in tl.static_range(KS):
@@ -68,20 +82,25 @@ def _conv_taps(
         for j in tl.static_range(KS):
             iw = ws + (j - R)
             # The halo: zero padding outside the plane.
-            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
-            xv = tl.load(plane_ptr + ih[:, None] * W + iw[None, :], mask=mask, other=0.0)
+            pix_ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(
+                planes[:, None] + (ih * W + iw)[None, :], mask=chan_ok[:, None] & pix_ok[None, :], other=0.0
+            )
             # grad x = grad y correlated with the flipped kernel.
             if FLIP:
-                wv = tl.load(w_base + (KS - 1 - i + PAD) * K_MAX + (KS - 1 - j + PAD))
+                wv = tl.load(
+                    w_base + (KS - 1 - i + PAD) * K_MAX + (KS - 1 - j + PAD), mask=chan_ok, other=0.0
+                )
             else:
-                wv = tl.load(w_base + (i + PAD) * K_MAX + (j + PAD))
-            acc += xv.to(acc.dtype) * wv.to(acc.dtype)
+                wv = tl.load(w_base + (i + PAD) * K_MAX + (j + PAD), mask=chan_ok, other=0.0)
+            acc += xv.to(acc.dtype) * wv.to(acc.dtype)[:, None]
     return acc
 
 
 @triton.jit
-def _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr):
-    """part[i, j] = sum over the tile of gy[h, w] * x[h + i - R, w + j - R], for the KS x KS taps."""
+def _weight_taps(gy, planes, part_ptrs, chan_ok, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr):
+    """part[c, i, j] = sum over the tile of gy[c, h, w] * x[c, h + i - R, w + j - R] for the KS x KS
+    taps; ``part_ptrs``: [BLOCK_C] pointers to each channel's K_MAX x K_MAX partial sums."""
     PAD: tl.constexpr = (K_MAX - KS) // 2
     R: tl.constexpr = KS // 2
     for i in tl.static_range(KS):
@@ -89,10 +108,12 @@ def _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, KS: tl.constexpr, K_MAX:
         row_ok = (ih >= 0) & (ih < H)
         for j in tl.static_range(KS):
             iw = ws + (j - R)
-            mask = row_ok[:, None] & ((iw >= 0) & (iw < W))[None, :]
-            xv = tl.load(plane_ptr + ih[:, None] * W + iw[None, :], mask=mask, other=0.0)
-            tap = tl.sum(tl.sum(gy * xv.to(gy.dtype), 1), 0)
-            tl.store(part_ptr + (i + PAD) * K_MAX + (j + PAD), tap)
+            pix_ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(
+                planes[:, None] + (ih * W + iw)[None, :], mask=chan_ok[:, None] & pix_ok[None, :], other=0.0
+            )
+            tap = tl.sum(gy * xv.to(gy.dtype), 1)  # [BLOCK_C]
+            tl.store(part_ptrs + (i + PAD) * K_MAX + (j + PAD), tap, mask=chan_ok)
 
 
 @triton.jit
@@ -107,6 +128,7 @@ def grouped_dwconv_fwd_kernel(
     H,
     W,
     E,
+    c_blocks,
     tiles_w,
     tiles,
     K_MAX: tl.constexpr,
@@ -114,41 +136,43 @@ def grouped_dwconv_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     FLIP: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    # Program = (row, block of BLOCK_C channels, spatial tile), the tile fastest.
     pid = tl.program_id(0).to(tl.int64)
-    plane = pid // tiles
     tile = pid % tiles
-    row = plane // C_MAX
-    c = plane % C_MAX
+    c_block = (pid // tiles) % c_blocks
+    row = pid // (tiles * c_blocks)
     e, c_e, k_e = _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E)
-    hs = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    ws = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W]
-    plane_ptr = x_ptr + plane * H * W
-    acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=ACC)
+    chans = c_block * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     # Channels past the expert's width keep acc = 0 (no bias either).
-    if c < c_e:
-        w_base = w_ptr + (e * C_MAX + c) * (K_MAX * K_MAX)
+    chan_ok = chans < c_e
+    planes = x_ptr + (row * C_MAX + chans) * H * W  # [BLOCK_C]
+    hs, ws = _tile_pixels(tile, tiles_w, BLOCK_H, BLOCK_W)  # [BLOCK_HW] each
+    acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
+    if c_block * BLOCK_C < c_e:
+        w_base = w_ptr + (e * C_MAX + chans) * (K_MAX * K_MAX)
         # One unrolled branch per kernel size present in the call (see the module docstring).
         if KERNEL_SET & 1:
             if k_e == 3:
-                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 3, K_MAX, FLIP)
+                acc = _conv_taps(acc, planes, w_base, chan_ok, hs, ws, H, W, 3, K_MAX, FLIP)
         if KERNEL_SET & 2:
             if k_e == 5:
-                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 5, K_MAX, FLIP)
+                acc = _conv_taps(acc, planes, w_base, chan_ok, hs, ws, H, W, 5, K_MAX, FLIP)
         if KERNEL_SET & 4:
             if k_e == 7:
-                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 7, K_MAX, FLIP)
+                acc = _conv_taps(acc, planes, w_base, chan_ok, hs, ws, H, W, 7, K_MAX, FLIP)
         if KERNEL_SET & 8:
             if k_e == 9:
-                acc = _conv_taps(acc, plane_ptr, w_base, hs, ws, H, W, 9, K_MAX, FLIP)
+                acc = _conv_taps(acc, planes, w_base, chan_ok, hs, ws, H, W, 9, K_MAX, FLIP)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + e * C_MAX + c).to(ACC)
-    out_mask = (hs < H)[:, None] & (ws < W)[None, :]
-    out_offs = plane * H * W + hs[:, None] * W + ws[None, :]
-    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+            acc += tl.load(b_ptr + e * C_MAX + chans, mask=chan_ok, other=0.0).to(ACC)[:, None]
+    out_ok = (chans < C_MAX)[:, None] & ((hs < H) & (ws < W))[None, :]
+    out_offs = (row * C_MAX + chans)[:, None] * H * W + (hs * W + ws)[None, :]
+    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -157,99 +181,104 @@ def grouped_dwconv_bwd_weight_kernel(
     gy_ptr,  # [N, C_MAX, H, W]
     off_ptr,  # [E + 1]
     meta_ptr,  # [2 * E] int32
-    part_w_ptr,  # [N * C_MAX * tiles, K_MAX * K_MAX] ACC: per-tile tap sums
-    part_b_ptr,  # [N * C_MAX * tiles] ACC: per-tile sums of grad y
+    part_w_ptr,  # [N * C_MAX, tiles, K_MAX * K_MAX] ACC: per-tile tap sums
+    part_b_ptr,  # [N * C_MAX, tiles] ACC: per-tile sums of grad y
     C_MAX,
     H,
     W,
     E,
+    c_blocks,
     tiles_w,
     tiles,
     K_MAX: tl.constexpr,
     KERNEL_SET: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     ACC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    plane = pid // tiles
     tile = pid % tiles
-    row = plane // C_MAX
-    c = plane % C_MAX
+    c_block = (pid // tiles) % c_blocks
+    row = pid // (tiles * c_blocks)
     e, c_e, k_e = _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E)
-    # Planes past the expert's channels write nothing: the reduction never reads them.
-    if c < c_e:
-        hs = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-        ws = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        out_mask = (hs < H)[:, None] & (ws < W)[None, :]
-        gy = tl.load(gy_ptr + plane * H * W + hs[:, None] * W + ws[None, :], mask=out_mask, other=0.0)
-        gy = gy.to(ACC)
-        tl.store(part_b_ptr + pid, tl.sum(tl.sum(gy, 1), 0))
-        plane_ptr = x_ptr + plane * H * W
-        part_ptr = part_w_ptr + pid * (K_MAX * K_MAX)
+    chans = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    chan_ok = chans < c_e
+    # Channels past the expert's width write nothing: the reduction never reads them.
+    if c_block * BLOCK_C < c_e:
+        hs, ws = _tile_pixels(tile, tiles_w, BLOCK_H, BLOCK_W)
+        pix = (hs * W + ws)[None, :]
+        mask = chan_ok[:, None] & ((hs < H) & (ws < W))[None, :]
+        plane_offs = (row * C_MAX + chans) * H * W  # [BLOCK_C]
+        gy = tl.load(gy_ptr + plane_offs[:, None] + pix, mask=mask, other=0.0).to(ACC)
+        part = (row * C_MAX + chans) * tiles + tile  # [BLOCK_C] rows of the partial-sum buffers
+        tl.store(part_b_ptr + part, tl.sum(gy, 1), mask=chan_ok)
+        planes = x_ptr + plane_offs
+        part_ptrs = part_w_ptr + part * (K_MAX * K_MAX)
         if KERNEL_SET & 1:
             if k_e == 3:
-                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 3, K_MAX)
+                _weight_taps(gy, planes, part_ptrs, chan_ok, hs, ws, H, W, 3, K_MAX)
         if KERNEL_SET & 2:
             if k_e == 5:
-                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 5, K_MAX)
+                _weight_taps(gy, planes, part_ptrs, chan_ok, hs, ws, H, W, 5, K_MAX)
         if KERNEL_SET & 4:
             if k_e == 7:
-                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 7, K_MAX)
+                _weight_taps(gy, planes, part_ptrs, chan_ok, hs, ws, H, W, 7, K_MAX)
         if KERNEL_SET & 8:
             if k_e == 9:
-                _weight_taps(gy, plane_ptr, part_ptr, hs, ws, H, W, 9, K_MAX)
+                _weight_taps(gy, planes, part_ptrs, chan_ok, hs, ws, H, W, 9, K_MAX)
 
 
 @triton.jit
 def grouped_dwconv_bwd_reduce_kernel(
-    part_w_ptr,  # [N * C_MAX * tiles, K_MAX * K_MAX] ACC
-    part_b_ptr,  # [N * C_MAX * tiles] ACC
+    part_w_ptr,  # [N * C_MAX, tiles, K_MAX * K_MAX] ACC
+    part_b_ptr,  # [N * C_MAX, tiles] ACC
     off_ptr,  # [E + 1]
     meta_ptr,  # [2 * E] int32
     gw_ptr,  # [E, C_MAX, K_MAX, K_MAX]
     gb_ptr,  # [E, C_MAX]
     C_MAX,
     E,
+    c_blocks,
     tiles,
     K_MAX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_TILES: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # One program per (expert, channel): its rows in order, each row's tiles in order.
+    # One program per (expert, block of channels): the expert's rows in order, each row's tiles
+    # in order, the same sequence on every run.
     pid = tl.program_id(0).to(tl.int64)
-    e = pid // C_MAX
-    c = pid % C_MAX
+    e = pid // c_blocks
+    first_chan = (pid % c_blocks) * BLOCK_C
+    chans = first_chan + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     lo = tl.load(off_ptr + e).to(tl.int64)
     hi = tl.load(off_ptr + e + 1).to(tl.int64)
     c_e = tl.load(meta_ptr + e)
     k_e = tl.load(meta_ptr + E + e)
-    # A channel past the expert's width was never written: sum over no rows (exact zeros).
-    hi = tl.where(c < c_e, hi, lo)
-    taps = tl.arange(0, BLOCK_T)
+    chan_ok = chans < c_e
+    # Channels past the expert's width were never written: they sum nothing (exact zeros).
+    hi = tl.where(first_chan < c_e, hi, lo)
+    taps = tl.arange(0, BLOCK_T)  # [BLOCK_T], i * K_MAX + j
     ti = taps // K_MAX
     tj = taps % K_MAX
     pad = (K_MAX - k_e) // 2
     in_window = (taps < K_MAX * K_MAX) & (ti >= pad) & (ti < pad + k_e) & (tj >= pad) & (tj < pad + k_e)
-    tile_ids = tl.arange(0, BLOCK_TILES)
-    acc_w = tl.zeros([BLOCK_TILES, BLOCK_T], dtype=ACC)
-    acc_b = tl.zeros([BLOCK_TILES], dtype=ACC)
+    mask = chan_ok[:, None] & in_window[None, :]
+    acc_w = tl.zeros([BLOCK_C, BLOCK_T], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_C], dtype=ACC)
     for n in range(lo, hi):
-        first = (n * C_MAX + c) * tiles
-        for t0 in range(0, tiles, BLOCK_TILES):
-            t = t0 + tile_ids
-            t_ok = t < tiles
+        part = (n * C_MAX + chans) * tiles  # [BLOCK_C]
+        for t in range(0, tiles):
             acc_w += tl.load(
-                part_w_ptr + (first + t)[:, None] * (K_MAX * K_MAX) + taps[None, :],
-                mask=t_ok[:, None] & in_window[None, :],
-                other=0.0,
+                part_w_ptr + (part + t)[:, None] * (K_MAX * K_MAX) + taps[None, :], mask=mask, other=0.0
             )
-            acc_b += tl.load(part_b_ptr + first + t, mask=t_ok, other=0.0)
-    gw = tl.sum(acc_w, 0)
-    tl.store(gw_ptr + pid * (K_MAX * K_MAX) + taps, gw.to(gw_ptr.dtype.element_ty), mask=taps < K_MAX * K_MAX)
-    tl.store(gb_ptr + pid, tl.sum(acc_b, 0).to(gb_ptr.dtype.element_ty))
+            acc_b += tl.load(part_b_ptr + part + t, mask=chan_ok, other=0.0)
+    out = (e * C_MAX + chans)[:, None] * (K_MAX * K_MAX) + taps[None, :]
+    out_ok = (chans < C_MAX)[:, None] & (taps < K_MAX * K_MAX)[None, :]
+    tl.store(gw_ptr + out, acc_w.to(gw_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(gb_ptr + e * C_MAX + chans, acc_b.to(gb_ptr.dtype.element_ty), mask=chans < C_MAX)
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -289,12 +318,28 @@ def _kernel_set(kernel_sizes: list[int]) -> int:
     return bits
 
 
-def _tiles(H: int, W: int) -> tuple[int, int, int, int]:
-    """(BLOCK_H, BLOCK_W, tiles along W, tiles per plane); small planes get small tiles."""
+def _tile_budget() -> int:
+    return _INTERPRETER_TILE_ELEMENTS if os.environ.get("TRITON_INTERPRET") == "1" else _TILE_ELEMENTS
+
+
+def _blocks(C_max: int, H: int, W: int) -> dict[str, int]:
+    """Block sizes and grid of a call: small planes get small tiles and more channels per program.
+
+    Fixed by the shape (no autotuning), so the weight gradient's partial sums, and with them its
+    bits, are the same on every run.
+    """
     block_w = min(_BLOCK_W, triton.next_power_of_2(max(W, 1)))
     block_h = min(max(1, (_BLOCK_H * _BLOCK_W) // block_w), triton.next_power_of_2(max(H, 1)))
+    block_c = min(triton.next_power_of_2(C_max), max(1, _tile_budget() // (block_h * block_w)))
     tiles_w = triton.cdiv(W, block_w)
-    return block_h, block_w, tiles_w, triton.cdiv(H, block_h) * tiles_w
+    return dict(
+        block_c=block_c,
+        block_h=block_h,
+        block_w=block_w,
+        c_blocks=triton.cdiv(C_max, block_c),
+        tiles_w=tiles_w,
+        tiles=triton.cdiv(H, block_h) * tiles_w,
+    )
 
 
 def _check_layout(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, channels, kernel_sizes):
@@ -333,15 +378,15 @@ def grouped_dwconv_fwd(
         return y
     kernel_set = _kernel_set(kernel_sizes)
     meta = _metadata(tuple(channels), tuple(kernel_sizes), x.device)
-    block_h, block_w, tiles_w, tiles = _tiles(H, W)
+    b = _blocks(C_max, H, W)
     num_experts = weight.shape[0]
     with _device_guard(x):
-        grouped_dwconv_fwd_kernel[(N * C_max * tiles,)](
+        grouped_dwconv_fwd_kernel[(N * b["c_blocks"] * b["tiles"],)](
             x, weight, x if bias is None else bias.contiguous(), offsets, meta, y,
-            C_max, H, W, num_experts, tiles_w, tiles,
+            C_max, H, W, num_experts, b["c_blocks"], b["tiles_w"], b["tiles"],
             K_MAX=weight.shape[-1], KERNEL_SET=kernel_set, HAS_BIAS=bias is not None, FLIP=False,
-            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_H=block_h, BLOCK_W=block_w,
-            ACC=_acc_dtype(x)[1], num_warps=4,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=b["block_c"], BLOCK_H=b["block_h"],
+            BLOCK_W=b["block_w"], ACC=_acc_dtype(x)[1], num_warps=4,
         )  # fmt: skip
     return y
 
@@ -373,29 +418,30 @@ def grouped_dwconv_bwd(
         return grad_x, grad_weight, grad_bias
     kernel_set = _kernel_set(kernel_sizes)
     meta = _metadata(tuple(channels), tuple(kernel_sizes), x.device)
-    block_h, block_w, tiles_w, tiles = _tiles(H, W)
+    b = _blocks(C_max, H, W)
     block_e = triton.next_power_of_2(num_experts)
-    programs = N * C_max * tiles
+    grid = (N * b["c_blocks"] * b["tiles"],)
+    blocks = dict(BLOCK_E=block_e, BLOCK_C=b["block_c"], BLOCK_H=b["block_h"], BLOCK_W=b["block_w"])
     with _device_guard(x):
-        grouped_dwconv_fwd_kernel[(programs,)](
+        grouped_dwconv_fwd_kernel[grid](
             grad_y, weight, grad_y, offsets, meta, grad_x,
-            C_max, H, W, num_experts, tiles_w, tiles,
-            K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=False, FLIP=True,
-            BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_W=block_w, ACC=acc_tl, num_warps=4,
+            C_max, H, W, num_experts, b["c_blocks"], b["tiles_w"], b["tiles"],
+            K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=False, FLIP=True, **blocks, ACC=acc_tl, num_warps=4,
         )  # fmt: skip
         # Only the (plane, tile, tap) entries the reduction reads are written: no need to clear.
-        part_w = _empty((programs, k_max * k_max), acc_torch, x.device)
-        part_b = _empty((programs,), acc_torch, x.device)
-        grouped_dwconv_bwd_weight_kernel[(programs,)](
+        part_w = _empty((N * C_max, b["tiles"], k_max * k_max), acc_torch, x.device)
+        part_b = _empty((N * C_max, b["tiles"]), acc_torch, x.device)
+        grouped_dwconv_bwd_weight_kernel[grid](
             x, grad_y, offsets, meta, part_w, part_b,
-            C_max, H, W, num_experts, tiles_w, tiles,
-            K_MAX=k_max, KERNEL_SET=kernel_set,
-            BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_W=block_w, ACC=acc_tl, num_warps=4,
+            C_max, H, W, num_experts, b["c_blocks"], b["tiles_w"], b["tiles"],
+            K_MAX=k_max, KERNEL_SET=kernel_set, **blocks, ACC=acc_tl, num_warps=4,
         )  # fmt: skip
-        grouped_dwconv_bwd_reduce_kernel[(num_experts * C_max,)](
-            part_w, part_b, offsets, meta, grad_weight, grad_bias, C_max, num_experts, tiles,
-            K_MAX=k_max, BLOCK_T=triton.next_power_of_2(k_max * k_max),
-            BLOCK_TILES=min(_REDUCE_BLOCK_TILES, triton.next_power_of_2(tiles)), ACC=acc_tl, num_warps=4,
+        block_t = triton.next_power_of_2(k_max * k_max)
+        reduce_c = min(triton.next_power_of_2(C_max), max(1, _tile_budget() // block_t))
+        reduce_blocks = triton.cdiv(C_max, reduce_c)
+        grouped_dwconv_bwd_reduce_kernel[(num_experts * reduce_blocks,)](
+            part_w, part_b, offsets, meta, grad_weight, grad_bias, C_max, num_experts, reduce_blocks,
+            b["tiles"], K_MAX=k_max, BLOCK_C=reduce_c, BLOCK_T=block_t, ACC=acc_tl, num_warps=4,
         )  # fmt: skip
     return grad_x, grad_weight, grad_bias
 

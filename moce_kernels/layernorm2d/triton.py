@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -40,6 +41,9 @@ _SINGLE_TILE_MAX_C = 512
 _LOOP_BLOCK_C = 64
 #: Elements per program tile (BLOCK_C * BLOCK_P) when C allows; 16 per thread with 4 warps.
 _TILE_ELEMENTS = 2048
+#: The same under the Triton interpreter (CPU tests), which pays per program and per operation
+#: rather than per element, and has no registers to run out of.
+_INTERPRETER_TILE_ELEMENTS = 16384
 #: Fewest pixels per tile: 16 contiguous float32 are 64 bytes, two full 32-byte sectors per row.
 _MIN_BLOCK_P = 16
 
@@ -241,7 +245,8 @@ def _blocks(channels: int, pixels: int) -> tuple[int, int, bool, int]:
     single = block_c <= _SINGLE_TILE_MAX_C
     if not single:
         block_c = _LOOP_BLOCK_C
-    block_p = max(_MIN_BLOCK_P, _TILE_ELEMENTS // block_c)
+    budget = _INTERPRETER_TILE_ELEMENTS if os.environ.get("TRITON_INTERPRET") == "1" else _TILE_ELEMENTS
+    block_p = max(_MIN_BLOCK_P, budget // block_c)
     block_p = min(block_p, max(_MIN_BLOCK_P, triton.next_power_of_2(max(pixels, 1))))
     # About 16 elements of each [BLOCK_C, BLOCK_P] tensor per thread: without spills on sm_90
     # (ptxas, float32 accumulation; the backward holds x, grad y and their products).

@@ -32,10 +32,12 @@ def write_image(path: Path, h: int, w: int, seed: int = 0, mode: str = "RGB") ->
     return path
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models gain nothing from threads, and on a shared machine OpenMP threads that wait
-    on each other make every step 10-100x slower: one intra-op thread for these tests."""
+    on each other make every step 10-100x slower: one intra-op thread for these tests (the DDP
+    parity test also needs the thread count of its torchrun processes). Module scope, restored
+    afterwards: other test folders keep their own setting."""
     import torch  # noqa: PLC0415
 
     before = torch.get_num_threads()

@@ -487,10 +487,10 @@ AOT_SCRIPT = textwrap.dedent(
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         print("compiled", fn.__name__, constexprs)
 
-    common = dict(C_MAX="i32", H="i32", W="i32", E="i32", tiles_w="i32", tiles="i32")
+    common = dict(C_MAX="i32", H="i32", W="i32", E="i32", c_blocks="i32", tiles_w="i32", tiles="i32")
     fwd = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", off_ptr="*i64", meta_ptr="*i32", y_ptr="*bf16",
                **common)
-    blocks = dict(BLOCK_H=16, BLOCK_W=64, ACC=tl.float32)
+    blocks = dict(BLOCK_C=2, BLOCK_H=16, BLOCK_W=64, ACC=tl.float32)
     # Every kernel size in one call (the experts); a single 3x3 with bias and a flipped 7x7 (the
     # trunk's convolutions and their grad x). The weight-gradient kernel compiles the 3 and 9
     # branches only (5 and 7 are the same template), to keep CI's cold compile short.
@@ -502,12 +502,12 @@ AOT_SCRIPT = textwrap.dedent(
                part_b_ptr="*fp32", **common)
     compile_(dw.grouped_dwconv_bwd_weight_kernel, bwd, dict(K_MAX=9, KERNEL_SET=9, BLOCK_E=4, **blocks))
     fwd64 = {k: ("*fp64" if v == "*bf16" else v) for k, v in fwd.items()}
-    consts64 = dict(K_MAX=5, KERNEL_SET=3, HAS_BIAS=True, FLIP=False, BLOCK_E=2, BLOCK_H=8, BLOCK_W=32,
-                    ACC=tl.float64)
+    consts64 = dict(K_MAX=5, KERNEL_SET=3, HAS_BIAS=True, FLIP=False, BLOCK_E=2, BLOCK_C=8, BLOCK_H=8,
+                    BLOCK_W=32, ACC=tl.float64)
     compile_(dw.grouped_dwconv_fwd_kernel, fwd64, consts64)
     red = dict(part_w_ptr="*fp32", part_b_ptr="*fp32", off_ptr="*i32", meta_ptr="*i32", gw_ptr="*fp16",
-               gb_ptr="*fp16", C_MAX="i32", E="i32", tiles="i32")
-    red_consts = dict(K_MAX=9, BLOCK_T=128, BLOCK_TILES=16, ACC=tl.float32)
+               gb_ptr="*fp16", C_MAX="i32", E="i32", c_blocks="i32", tiles="i32")
+    red_consts = dict(K_MAX=9, BLOCK_C=16, BLOCK_T=128, ACC=tl.float32)
     compile_(dw.grouped_dwconv_bwd_reduce_kernel, red, red_consts)
     """
 )

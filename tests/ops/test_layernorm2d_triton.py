@@ -43,8 +43,8 @@ SHAPES = [
     pytest.param((2, 130, 4, 9), id="C130"),
     # C > _SINGLE_TILE_MAX_C: the chunked loop over C, last chunk partial (600 = 9 * 64 + 24).
     pytest.param((1, 600, 3, 5), id="C600-loop"),
-    # More pixels than one tile (BLOCK_P = 64 for C = 24): several tiles per image.
-    pytest.param((2, 24, 9, 17), id="C24-9x17-tiles"),
+    # Several pixel tiles per image (BLOCK_P = 256 under the interpreter, 32 on a GPU).
+    pytest.param((2, 40, 17, 19), id="C40-17x19-tiles"),
     pytest.param((0, 4, 5, 6), id="B0"),
     pytest.param((2, 3, 0, 5), id="HW0"),
 ]
@@ -136,6 +136,12 @@ def loop_path(monkeypatch):
 
 
 @pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The interpreter with the GPU's tile sizes (it normally takes 8x larger tiles)."""
+    monkeypatch.setattr(ln_triton, "_INTERPRETER_TILE_ELEMENTS", ln_triton._TILE_ELEMENTS)
+
+
+@pytest.fixture
 def nan_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an element a kernel skips shows up."""
 
@@ -167,6 +173,18 @@ def test_matches_reference(shape, dtype, atol, rtol):
 def test_loop_over_channels_matches_reference(shape, dtype, atol, rtol, loop_path):
     assert not ln_triton._blocks(shape[1], shape[2] * shape[3])[2]  # the loop path is taken
     check_against_reference(*make_inputs(shape, dtype), 1e-5, atol, rtol)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((2, 24, 9, 17), id="C24-9x17"),
+        pytest.param((1, 130, 5, 7), id="C130"),
+        pytest.param((1, 600, 3, 5), id="C600-loop"),
+    ],
+)
+def test_gpu_tile_sizes_match_reference(shape, gpu_tiles):
+    check_against_reference(*make_inputs(shape, torch.float32), 1e-5, 1e-5, 1.3e-5)
 
 
 @pytest.mark.parametrize(
@@ -265,7 +283,8 @@ def _fwd_bwd(x, weight, bias):
 @pytest.mark.parametrize(
     ("shape", "path"),
     [
-        pytest.param((2, 24, 9, 17), "tile", id="tile-C24-9x17"),
+        pytest.param((2, 40, 17, 19), "tile", id="tile-C40-17x19"),
+        pytest.param((2, 24, 9, 17), "gpu-tiles", id="gpu-tiles-C24-9x17"),
         pytest.param((3, 5, 1, 1), "tile", id="tile-1x1"),
         pytest.param((2, 37, 5, 7), "loop", id="loop-C37"),
     ],
@@ -275,6 +294,8 @@ def test_every_element_is_written(shape, path, request):
     same bits as with the normal buffers (nothing left unwritten, nothing read before written)."""
     if path == "loop":
         request.getfixturevalue("loop_path")
+    if path == "gpu-tiles":
+        request.getfixturevalue("gpu_tiles")
     x, weight, bias = make_inputs(shape, torch.float32)
     want = _fwd_bwd(x, weight, bias)
     request.getfixturevalue("nan_buffers")
@@ -287,7 +308,8 @@ def test_every_element_is_written(shape, path, request):
 @pytest.mark.parametrize(
     "dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 )
-def test_backward_is_deterministic(dtype):
+def test_backward_is_deterministic(dtype, gpu_tiles):
+    # 4 pixel tiles per image: 12 partial sums per channel.
     x, weight, bias = make_inputs((3, 24, 11, 23), dtype)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
 
