@@ -267,7 +267,7 @@ if ((DRY_RUN)); then dry_stage tests-gpu "${TESTS_GPU[@]}"; else run_stage tests
 
 # ---- benchmarks: ceilings, ops, model ------------------------------------------------------
 if ((DRY_RUN)); then
-    BENCH=("$PY" -m benchmarks.run --device cpu --tiny --output "$OUTDIR/results" --deadline @DEADLINE@)
+    BENCH=("$PY" -m benchmarks.run --device cpu --tiny --threads 1 --output "$OUTDIR/results" --deadline @DEADLINE@)
 else
     BENCH=("$PY" -m benchmarks.run --device cuda --output "$OUTDIR/results" --deadline @DEADLINE@)
 fi

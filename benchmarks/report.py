@@ -374,6 +374,19 @@ def _pyplot():
     return plt
 
 
+def _speedup_axis(ax, values: list[float]) -> None:
+    """A log axis when the speed-ups span a decade or more, else linear; ticks read '2x'."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415
+
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    if values and max(values) / min(values) >= 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_xlim(left=0)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+
+
 def plot_ops(run: Run, path: Path, title: str) -> bool:
     """Speed-up over the reference per op case, one panel per mode. False when nothing to plot."""
     plt = _pyplot()
@@ -393,6 +406,7 @@ def plot_ops(run: Run, path: Path, title: str) -> bool:
     height = 0.8 / len(providers)
     for ax, mode in zip(axes[0], modes, strict=True):
         cases = [(op, key, cells) for op, g in groups.items() for key, cells in g.items() if key[3] == mode]
+        shown: list[float] = []
         for j, provider in enumerate(providers):
             ys, xs = [], []
             for i, (_, _, cells) in enumerate(cases):
@@ -402,10 +416,10 @@ def plot_ops(run: Run, path: Path, title: str) -> bool:
                     xs.append(s)
             bars = ax.barh(ys, xs, height=height, label=provider)
             ax.bar_label(bars, labels=[f"{x:.3g}x" for x in xs], fontsize=6, padding=2)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
+            shown += xs
+        _speedup_axis(ax, shown)
         ax.set_title(mode)
-        ax.set_xlabel("speed-up over the reference (x, log scale)")
+        ax.set_xlabel("speed-up over the reference")
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
         ax.set_yticklabels([f"{op} {k[0]} {k[2]}" for op, k, _ in cases], fontsize=7)
         ax.invert_yaxis()
@@ -428,6 +442,7 @@ def plot_models(run: Run, path: Path, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 1 + 0.45 * len(rows)))
     height = 0.8 / len(providers)
+    shown: list[float] = []
     for j, provider in enumerate(providers):
         ys, xs = [], []
         for i, (_, _, cells) in enumerate(rows):
@@ -437,12 +452,12 @@ def plot_models(run: Run, path: Path, title: str) -> bool:
                 xs.append(s)
         bars = ax.barh(ys, xs, height=height, label=provider)
         ax.bar_label(bars, labels=[f"{x:.3g}x" for x in xs], fontsize=7, padding=2)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
+        shown += xs
+    _speedup_axis(ax, shown)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))])
     ax.set_yticklabels([f"{w} {k[0]} {k[1]}" for w, k, _ in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("speed-up over the eager reference (x, log scale)")
+    ax.set_xlabel("speed-up over the eager reference")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -464,7 +479,7 @@ def run_header(run: Run) -> list[str]:
     lines = [
         f"- device: **{env.get('device', '?')}** ({env.get('device_type', '?')}"
         + (f", capability {env['capability']}" if env.get("capability") else "")
-        + f"), {env.get('threads', '?')} threads"
+        + f"), {env.get('threads', '?')} thread{'' if env.get('threads') == 1 else 's'}"
         + (f", load average at start {load[0]:.1f}" if load else ""),
         f"- torch {env.get('torch', '?')}, Triton {env.get('triton') or 'none'}, "
         f"CUDA {env.get('cuda') or 'none'}, Python {env.get('python', '?')}; {env.get('build', '')}",

@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "CPU only: timing the reference and the C++ CPU kernels; the Triton and CUDA numbers need a GPU"
         )
+        load = env.get("loadavg") or [0.0]
+        if load[0] > (env.get("cpu_count") or 1) and torch.get_num_threads() > 1:
+            # Each OpenMP barrier then waits for a time slice: multi-threaded timings inflate
+            # several-fold (seen here: 7-14 s instead of 1.5 s single-threaded).
+            print(f"warning: load average {load[0]:.1f} on {env['cpu_count']} cores; --threads 1 is steadier")
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     name = "-".join(x for x in (device.type, stamp, "+".join(suites), size, args.name) if x)

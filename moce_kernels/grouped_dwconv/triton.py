@@ -42,12 +42,16 @@ KERNEL_SIZES = (3, 5, 7, 9)
 #: Largest spatial tile: 16 rows of 64 contiguous pixels (256 bytes per row in float32).
 _BLOCK_H = 16
 _BLOCK_W = 64
-#: Elements per program (BLOCK_C * BLOCK_H * BLOCK_W): small planes take more channels, 16
-#: accumulators per thread with 4 warps.
+#: Elements per program (BLOCK_C * BLOCK_H * BLOCK_W): small planes take more channels.
 _TILE_ELEMENTS = 2048
 #: The same under the Triton interpreter (CPU tests), which pays per program and per operation
 #: rather than per element, and has no registers to run out of.
 _INTERPRETER_TILE_ELEMENTS = 16384
+#: Tiles of a plane summed at once by the weight-gradient reduction.
+_REDUCE_BLOCK_TILES = 16
+#: 8 accumulators per thread: ptxas gives ~90 registers and no spills on sm_90 (7x7, bf16), where
+#: 4 warps take ~150 (the unrolled taps keep many loads in flight).
+_CONV_WARPS = 8
 
 
 @triton.jit
@@ -62,30 +66,22 @@ def _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _tile_pixels(tile, tiles_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Row and column of each pixel of a BLOCK_H x BLOCK_W tile, flattened: ([BLOCK_HW], [BLOCK_HW])."""
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    return (tile // tiles_w) * BLOCK_H + p // BLOCK_W, (tile % tiles_w) * BLOCK_W + p % BLOCK_W
-
-
-@triton.jit
 def _conv_taps(
     acc, planes, w_base, chan_ok, hs, ws, H, W, KS: tl.constexpr, K_MAX: tl.constexpr, FLIP: tl.constexpr
 ):
-    """acc [BLOCK_C, BLOCK_HW] += the KS x KS correlation of each channel's plane with its centred
-    kernel. ``planes`` / ``w_base``: [BLOCK_C] pointers to the channels' planes / K_MAX windows."""
+    """acc [BLOCK_C, BLOCK_H, BLOCK_W] += the KS x KS correlation of each channel's plane with its
+    centred kernel. ``planes`` / ``w_base``: [BLOCK_C] pointers to the channels' planes / windows."""
     PAD: tl.constexpr = (K_MAX - KS) // 2
     R: tl.constexpr = KS // 2
     for i in tl.static_range(KS):
         ih = hs + (i - R)
-        row_ok = (ih >= 0) & (ih < H)
+        row_ok = chan_ok[:, None] & ((ih >= 0) & (ih < H))[None, :]  # [BLOCK_C, BLOCK_H]
+        row_ptrs = planes[:, None] + (ih * W)[None, :]
         for j in tl.static_range(KS):
             iw = ws + (j - R)
             # The halo: zero padding outside the plane.
-            pix_ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(
-                planes[:, None] + (ih * W + iw)[None, :], mask=chan_ok[:, None] & pix_ok[None, :], other=0.0
-            )
+            mask = row_ok[:, :, None] & ((iw >= 0) & (iw < W))[None, None, :]
+            xv = tl.load(row_ptrs[:, :, None] + iw[None, None, :], mask=mask, other=0.0)
             # grad x = grad y correlated with the flipped kernel.
             if FLIP:
                 wv = tl.load(
@@ -93,7 +89,7 @@ def _conv_taps(
                 )
             else:
                 wv = tl.load(w_base + (i + PAD) * K_MAX + (j + PAD), mask=chan_ok, other=0.0)
-            acc += xv.to(acc.dtype) * wv.to(acc.dtype)[:, None]
+            acc += xv.to(acc.dtype) * wv.to(acc.dtype)[:, None, None]
     return acc
 
 
@@ -105,14 +101,13 @@ def _weight_taps(gy, planes, part_ptrs, chan_ok, hs, ws, H, W, KS: tl.constexpr,
     R: tl.constexpr = KS // 2
     for i in tl.static_range(KS):
         ih = hs + (i - R)
-        row_ok = (ih >= 0) & (ih < H)
+        row_ok = chan_ok[:, None] & ((ih >= 0) & (ih < H))[None, :]
+        row_ptrs = planes[:, None] + (ih * W)[None, :]
         for j in tl.static_range(KS):
             iw = ws + (j - R)
-            pix_ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(
-                planes[:, None] + (ih * W + iw)[None, :], mask=chan_ok[:, None] & pix_ok[None, :], other=0.0
-            )
-            tap = tl.sum(gy * xv.to(gy.dtype), 1)  # [BLOCK_C]
+            mask = row_ok[:, :, None] & ((iw >= 0) & (iw < W))[None, None, :]
+            xv = tl.load(row_ptrs[:, :, None] + iw[None, None, :], mask=mask, other=0.0)
+            tap = tl.sum(tl.sum(gy * xv.to(gy.dtype), 2), 1)  # [BLOCK_C]
             tl.store(part_ptrs + (i + PAD) * K_MAX + (j + PAD), tap, mask=chan_ok)
 
 
@@ -151,8 +146,9 @@ def grouped_dwconv_fwd_kernel(
     # Channels past the expert's width keep acc = 0 (no bias either).
     chan_ok = chans < c_e
     planes = x_ptr + (row * C_MAX + chans) * H * W  # [BLOCK_C]
-    hs, ws = _tile_pixels(tile, tiles_w, BLOCK_H, BLOCK_W)  # [BLOCK_HW] each
-    acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
+    hs = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    ws = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W]
+    acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=ACC)
     if c_block * BLOCK_C < c_e:
         w_base = w_ptr + (e * C_MAX + chans) * (K_MAX * K_MAX)
         # One unrolled branch per kernel size present in the call (see the module docstring).
@@ -169,10 +165,10 @@ def grouped_dwconv_fwd_kernel(
             if k_e == 9:
                 acc = _conv_taps(acc, planes, w_base, chan_ok, hs, ws, H, W, 9, K_MAX, FLIP)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + e * C_MAX + chans, mask=chan_ok, other=0.0).to(ACC)[:, None]
-    out_ok = (chans < C_MAX)[:, None] & ((hs < H) & (ws < W))[None, :]
-    out_offs = (row * C_MAX + chans)[:, None] * H * W + (hs * W + ws)[None, :]
-    tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+            acc += tl.load(b_ptr + e * C_MAX + chans, mask=chan_ok, other=0.0).to(ACC)[:, None, None]
+    out_ok = ((chans < C_MAX)[:, None] & (hs < H)[None, :])[:, :, None] & (ws < W)[None, None, :]
+    out_rows = ((row * C_MAX + chans) * H * W)[:, None] + (hs * W)[None, :]  # [BLOCK_C, BLOCK_H]
+    tl.store(y_ptr + out_rows[:, :, None] + ws[None, None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -207,13 +203,14 @@ def grouped_dwconv_bwd_weight_kernel(
     chan_ok = chans < c_e
     # Channels past the expert's width write nothing: the reduction never reads them.
     if c_block * BLOCK_C < c_e:
-        hs, ws = _tile_pixels(tile, tiles_w, BLOCK_H, BLOCK_W)
-        pix = (hs * W + ws)[None, :]
-        mask = chan_ok[:, None] & ((hs < H) & (ws < W))[None, :]
+        hs = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ws = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
         plane_offs = (row * C_MAX + chans) * H * W  # [BLOCK_C]
-        gy = tl.load(gy_ptr + plane_offs[:, None] + pix, mask=mask, other=0.0).to(ACC)
+        mask = (chan_ok[:, None] & (hs < H)[None, :])[:, :, None] & (ws < W)[None, None, :]
+        rows = plane_offs[:, None] + (hs * W)[None, :]
+        gy = tl.load(gy_ptr + rows[:, :, None] + ws[None, None, :], mask=mask, other=0.0).to(ACC)
         part = (row * C_MAX + chans) * tiles + tile  # [BLOCK_C] rows of the partial-sum buffers
-        tl.store(part_b_ptr + part, tl.sum(gy, 1), mask=chan_ok)
+        tl.store(part_b_ptr + part, tl.sum(tl.sum(gy, 2), 1), mask=chan_ok)
         planes = x_ptr + plane_offs
         part_ptrs = part_w_ptr + part * (K_MAX * K_MAX)
         if KERNEL_SET & 1:
@@ -244,11 +241,12 @@ def grouped_dwconv_bwd_reduce_kernel(
     tiles,
     K_MAX: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # One program per (expert, block of channels): the expert's rows in order, each row's tiles
-    # in order, the same sequence on every run.
+    # One program per (expert, block of channels): the expert's rows in order, BLOCK_TILES tiles
+    # at a time, then one tree over the tiles: the same sequence on every run.
     pid = tl.program_id(0).to(tl.int64)
     e = pid // c_blocks
     first_chan = (pid % c_blocks) * BLOCK_C
@@ -265,20 +263,22 @@ def grouped_dwconv_bwd_reduce_kernel(
     tj = taps % K_MAX
     pad = (K_MAX - k_e) // 2
     in_window = (taps < K_MAX * K_MAX) & (ti >= pad) & (ti < pad + k_e) & (tj >= pad) & (tj < pad + k_e)
-    mask = chan_ok[:, None] & in_window[None, :]
-    acc_w = tl.zeros([BLOCK_C, BLOCK_T], dtype=ACC)
-    acc_b = tl.zeros([BLOCK_C], dtype=ACC)
+    tile_ids = tl.arange(0, BLOCK_TILES)
+    acc_w = tl.zeros([BLOCK_C, BLOCK_TILES, BLOCK_T], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_C, BLOCK_TILES], dtype=ACC)
     for n in range(lo, hi):
-        part = (n * C_MAX + chans) * tiles  # [BLOCK_C]
-        for t in range(0, tiles):
-            acc_w += tl.load(
-                part_w_ptr + (part + t)[:, None] * (K_MAX * K_MAX) + taps[None, :], mask=mask, other=0.0
-            )
-            acc_b += tl.load(part_b_ptr + part + t, mask=chan_ok, other=0.0)
+        first = (n * C_MAX + chans) * tiles  # [BLOCK_C]
+        for t0 in range(0, tiles, BLOCK_TILES):
+            t = t0 + tile_ids
+            ok = chan_ok[:, None] & (t < tiles)[None, :]  # [BLOCK_C, BLOCK_TILES]
+            parts = first[:, None] + t[None, :]
+            acc_b += tl.load(part_b_ptr + parts, mask=ok, other=0.0)
+            w_ptrs = part_w_ptr + parts[:, :, None] * (K_MAX * K_MAX) + taps[None, None, :]
+            acc_w += tl.load(w_ptrs, mask=ok[:, :, None] & in_window[None, None, :], other=0.0)
     out = (e * C_MAX + chans)[:, None] * (K_MAX * K_MAX) + taps[None, :]
     out_ok = (chans < C_MAX)[:, None] & (taps < K_MAX * K_MAX)[None, :]
-    tl.store(gw_ptr + out, acc_w.to(gw_ptr.dtype.element_ty), mask=out_ok)
-    tl.store(gb_ptr + e * C_MAX + chans, acc_b.to(gb_ptr.dtype.element_ty), mask=chans < C_MAX)
+    tl.store(gw_ptr + out, tl.sum(acc_w, 1).to(gw_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(gb_ptr + e * C_MAX + chans, tl.sum(acc_b, 1).to(gb_ptr.dtype.element_ty), mask=chans < C_MAX)
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def grouped_dwconv_fwd(
             C_max, H, W, num_experts, b["c_blocks"], b["tiles_w"], b["tiles"],
             K_MAX=weight.shape[-1], KERNEL_SET=kernel_set, HAS_BIAS=bias is not None, FLIP=False,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=b["block_c"], BLOCK_H=b["block_h"],
-            BLOCK_W=b["block_w"], ACC=_acc_dtype(x)[1], num_warps=4,
+            BLOCK_W=b["block_w"], ACC=_acc_dtype(x)[1], num_warps=_CONV_WARPS,
         )  # fmt: skip
     return y
 
@@ -426,7 +426,8 @@ def grouped_dwconv_bwd(
         grouped_dwconv_fwd_kernel[grid](
             grad_y, weight, grad_y, offsets, meta, grad_x,
             C_max, H, W, num_experts, b["c_blocks"], b["tiles_w"], b["tiles"],
-            K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=False, FLIP=True, **blocks, ACC=acc_tl, num_warps=4,
+            K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=False, FLIP=True, **blocks, ACC=acc_tl,
+            num_warps=_CONV_WARPS,
         )  # fmt: skip
         # Only the (plane, tile, tap) entries the reduction reads are written: no need to clear.
         part_w = _empty((N * C_max, b["tiles"], k_max * k_max), acc_torch, x.device)
@@ -434,14 +435,17 @@ def grouped_dwconv_bwd(
         grouped_dwconv_bwd_weight_kernel[grid](
             x, grad_y, offsets, meta, part_w, part_b,
             C_max, H, W, num_experts, b["c_blocks"], b["tiles_w"], b["tiles"],
-            K_MAX=k_max, KERNEL_SET=kernel_set, **blocks, ACC=acc_tl, num_warps=4,
+            K_MAX=k_max, KERNEL_SET=kernel_set, **blocks, ACC=acc_tl, num_warps=_CONV_WARPS,
         )  # fmt: skip
         block_t = triton.next_power_of_2(k_max * k_max)
-        reduce_c = min(triton.next_power_of_2(C_max), max(1, _tile_budget() // block_t))
+        block_tiles = min(_REDUCE_BLOCK_TILES, triton.next_power_of_2(b["tiles"]))
+        # One channel per program on a GPU at K_max = 9 (E * C_max programs), more for small kernels.
+        reduce_c = min(triton.next_power_of_2(C_max), max(1, _tile_budget() // (block_tiles * block_t)))
         reduce_blocks = triton.cdiv(C_max, reduce_c)
         grouped_dwconv_bwd_reduce_kernel[(num_experts * reduce_blocks,)](
             part_w, part_b, offsets, meta, grad_weight, grad_bias, C_max, num_experts, reduce_blocks,
-            b["tiles"], K_MAX=k_max, BLOCK_C=reduce_c, BLOCK_T=block_t, ACC=acc_tl, num_warps=4,
+            b["tiles"], K_MAX=k_max, BLOCK_C=reduce_c, BLOCK_TILES=block_tiles, BLOCK_T=block_t, ACC=acc_tl,
+            num_warps=4,
         )  # fmt: skip
     return grad_x, grad_weight, grad_bias
 

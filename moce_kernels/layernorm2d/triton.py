@@ -248,9 +248,9 @@ def _blocks(channels: int, pixels: int) -> tuple[int, int, bool, int]:
     budget = _INTERPRETER_TILE_ELEMENTS if os.environ.get("TRITON_INTERPRET") == "1" else _TILE_ELEMENTS
     block_p = max(_MIN_BLOCK_P, budget // block_c)
     block_p = min(block_p, max(_MIN_BLOCK_P, triton.next_power_of_2(max(pixels, 1))))
-    # About 16 elements of each [BLOCK_C, BLOCK_P] tensor per thread: without spills on sm_90
-    # (ptxas, float32 accumulation; the backward holds x, grad y and their products).
-    num_warps = max(4, min(16, block_c * block_p // 512))
+    # About 8 elements of each [BLOCK_C, BLOCK_P] tensor per thread (16 for C = 512): no spills
+    # on sm_90 (ptxas, float32 accumulation; the backward holds x, grad y and their products).
+    num_warps = max(4, min(16, block_c * block_p // 256))
     return block_c, block_p, single, num_warps
 
 

@@ -174,6 +174,19 @@ def assert_zero_outside(case, out, grad_x, grad_w, grad_b):
 
 
 @pytest.fixture
+def gpu_blocks(monkeypatch):
+    """The interpreter with the GPU's block sizes (it normally takes 8x more channels per program)."""
+    monkeypatch.setattr(dw_triton, "_INTERPRETER_TILE_ELEMENTS", dw_triton._TILE_ELEMENTS)
+
+
+@pytest.fixture
+def one_channel_blocks(monkeypatch):
+    """One channel per program, in the convolutions and in the weight-gradient reduction."""
+    monkeypatch.setattr(dw_triton, "_INTERPRETER_TILE_ELEMENTS", 1)
+    monkeypatch.setattr(dw_triton, "_TILE_ELEMENTS", 1)
+
+
+@pytest.fixture
 def nan_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an element a kernel skips shows up."""
 
@@ -196,6 +209,24 @@ def test_matches_reference(case, dtype, atol, rtol):
 @pytest.mark.parametrize("case", FP16_CASES)
 def test_matches_reference_fp16(case, dtype, atol, rtol):
     assert_matches_reference(make_case(*case, dtype=dtype), atol, rtol)
+
+
+@pytest.mark.parametrize(
+    ("case", "blocks"),
+    [
+        # GPU blocks on 17 x 65: 2 channels per program, so expert 1 (width 1) owns a block wholly
+        # past its channels.
+        pytest.param(((3, 1), (3, 5), (1, 1), 17, 65), "gpu_blocks", id="gpu-blocks-17x65"),
+        pytest.param(
+            ((2, 3, 2, 1), (3, 5, 7, 9), (1, 0, 1, 1), 5, 6), "one_channel_blocks", id="one-channel"
+        ),
+    ],
+)
+def test_channel_blocks_match_reference(case, blocks, request):
+    request.getfixturevalue(blocks)
+    params = dw_triton._blocks(max(case[0]), case[3], case[4])
+    assert params["c_blocks"] > 1
+    assert_matches_reference(make_case(*case), 1e-5, 1.3e-6)
 
 
 def test_without_bias():
@@ -257,11 +288,14 @@ def _fwd_bwd(x, weight, bias, offsets, channels, kernel_sizes):
         pytest.param(((3, 5, 2), (3, 9, 5), (1, 0, 2), 13, 21), id="k395-empty-13x21"),
         pytest.param(((1,), (5,), (1,), 17, 65), id="k5-tiles"),
         pytest.param(((2, 1), (5, 3), (1, 1), 1, 1), id="1x1"),
+        pytest.param(((3, 1), (3, 5), (1, 1), 17, 65), id="gpu-blocks-17x65"),
     ],
 )
 def test_every_element_is_written(case, request):
     """With NaN-filled outputs, partial sums and gradients, the results are the same bits as with
     the normal buffers: every element written, no partial sum read that was not written."""
+    if "gpu-blocks" in request.node.callspec.id:
+        request.getfixturevalue("gpu_blocks")
     args = make_case(*case)
     want = _fwd_bwd(*args)
     request.getfixturevalue("nan_buffers")
@@ -272,7 +306,7 @@ def test_every_element_is_written(case, request):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16")])
-def test_backward_is_deterministic(dtype):
+def test_backward_is_deterministic(dtype, gpu_blocks):
     # Several rows and 2 x 2 tiles per plane: the reduction sums rows * tiles partial sums.
     case = make_case((2, 1), (3, 5), (2, 1), 17, 65, dtype=dtype)
     grad_out = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
@@ -477,38 +511,39 @@ AOT_SCRIPT = textwrap.dedent(
         sys.exit(3)
     from moce_kernels.grouped_dwconv import triton as dw
 
-    def compile_(fn, signature, constexprs):
+    def compile_(fn, signature, constexprs, num_warps=dw._CONV_WARPS):
         sig = dict(signature, **{k: "constexpr" for k in constexprs})
         try:
             src = ASTSource(fn, sig, constexprs)
         except (TypeError, KeyError, AttributeError) as e:
             print(f"ASTSource API differs: {e!r}")
             sys.exit(3)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         print("compiled", fn.__name__, constexprs)
 
     common = dict(C_MAX="i32", H="i32", W="i32", E="i32", c_blocks="i32", tiles_w="i32", tiles="i32")
     fwd = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", off_ptr="*i64", meta_ptr="*i32", y_ptr="*bf16",
                **common)
     blocks = dict(BLOCK_C=2, BLOCK_H=16, BLOCK_W=64, ACC=tl.float32)
-    # Every kernel size in one call (the experts); a single 3x3 with bias and a flipped 7x7 (the
-    # trunk's convolutions and their grad x). The weight-gradient kernel compiles the 3 and 9
-    # branches only (5 and 7 are the same template), to keep CI's cold compile short.
-    for k_max, kernel_set, has_bias, flip, block_e in ((9, 15, True, False, 4), (3, 1, True, False, 1),
+    # Two kernel sizes in one call (the experts' branches), a single 3x3 with bias and a flipped
+    # 7x7 (the trunk's convolutions and their grad x); the weight gradient on the 9x9 branch. Every
+    # size is the same template (_conv_taps / _weight_taps with KS a constexpr): compiling each
+    # branch once keeps CI's cold compile short (the all-sizes kernel alone takes ~25 s).
+    for k_max, kernel_set, has_bias, flip, block_e in ((5, 3, True, False, 2), (3, 1, True, False, 1),
                                                         (7, 4, False, True, 1)):
         consts = dict(K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=has_bias, FLIP=flip, BLOCK_E=block_e)
         compile_(dw.grouped_dwconv_fwd_kernel, fwd, dict(consts, **blocks))
     bwd = dict(x_ptr="*bf16", gy_ptr="*bf16", off_ptr="*i64", meta_ptr="*i32", part_w_ptr="*fp32",
                part_b_ptr="*fp32", **common)
-    compile_(dw.grouped_dwconv_bwd_weight_kernel, bwd, dict(K_MAX=9, KERNEL_SET=9, BLOCK_E=4, **blocks))
+    compile_(dw.grouped_dwconv_bwd_weight_kernel, bwd, dict(K_MAX=9, KERNEL_SET=8, BLOCK_E=4, **blocks))
     fwd64 = {k: ("*fp64" if v == "*bf16" else v) for k, v in fwd.items()}
     consts64 = dict(K_MAX=5, KERNEL_SET=3, HAS_BIAS=True, FLIP=False, BLOCK_E=2, BLOCK_C=8, BLOCK_H=8,
                     BLOCK_W=32, ACC=tl.float64)
     compile_(dw.grouped_dwconv_fwd_kernel, fwd64, consts64)
     red = dict(part_w_ptr="*fp32", part_b_ptr="*fp32", off_ptr="*i32", meta_ptr="*i32", gw_ptr="*fp16",
                gb_ptr="*fp16", C_MAX="i32", E="i32", c_blocks="i32", tiles="i32")
-    red_consts = dict(K_MAX=9, BLOCK_C=16, BLOCK_T=128, ACC=tl.float32)
-    compile_(dw.grouped_dwconv_bwd_reduce_kernel, red, red_consts)
+    red_consts = dict(K_MAX=9, BLOCK_C=2, BLOCK_TILES=16, BLOCK_T=128, ACC=tl.float32)
+    compile_(dw.grouped_dwconv_bwd_reduce_kernel, red, red_consts, num_warps=4)
     """
 )
 
@@ -517,7 +552,7 @@ def test_aot_compile_sm90():
     """Compile every kernel for sm_90 (Triton's own compiler, no GPU needed): catches what the
     interpreter forgives (constexpr misuse, dtype mismatches in loops and branches). Runs in a
     subprocess without TRITON_INTERPRET, which swaps Triton's own jit helpers for interpreted ones.
-    The first run compiles the unrolled 9x9 branches (about 15 s on 2 cores); Triton caches them."""
+    The first run takes ~30 s on 2 cores (the unrolled 9x9 branch); Triton caches the result."""
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
