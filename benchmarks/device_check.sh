@@ -14,12 +14,15 @@
 #   --dry-run     no GPU needed: print the build and test commands instead of running them, and
 #                 run the CPU benchmarks at toy sizes (checks this script end to end)
 #   --skip LIST   comma-separated stages to leave out: build, tests-gpu, bench-ops,
-#                 bench-models, tests-other, report
+#                 bench-models, sanitizer, tests-other, report
 #
 # Stages, in order: preflight (versions, GPU, tools), build (setup.py build_ext --inplace,
-# TORCH_CUDA_ARCH_LIST = the local GPU's capability, MAX_JOBS = cores), tests-gpu (pytest -m
-# gpu), bench-ops, bench-models (python -m benchmarks.run), tests-other (every other test, on
-# this GPU machine), report (python -m benchmarks.report on OUTDIR/results). Exit status: 0 when
+# TORCH_CUDA_ARCH_LIST = the local GPU's capability, MAX_JOBS = cores), tests-gpu (the op tests,
+# which run the Triton and CUDA kernels on the GPU when one is present, and the GPU whole-model
+# parity tests, in parallel), bench-ops, bench-models (python -m benchmarks.run), sanitizer
+# (compute-sanitizer memcheck over benchmarks.sanitizer_workload: every CUDA and Triton op
+# forward and backward at edge shapes), tests-other (every other test, on this GPU machine),
+# report (python -m benchmarks.report on OUTDIR/results). Exit status: 0 when
 # no stage failed (a stage stopped by the budget is not a failure), 1 when one failed, 2 for bad
 # arguments, 3 when no CUDA GPU is visible outside --dry-run.
 #
@@ -29,7 +32,7 @@
 # are installed to a private folder first, without network.
 set -u -o pipefail
 
-STAGES=(preflight build tests-gpu bench-ops bench-models tests-other report)
+STAGES=(preflight build tests-gpu bench-ops bench-models sanitizer tests-other report)
 
 usage() {
     sed -n '2,/^set -u/{/^set -u/d;s/^# \{0,1\}//;p}' "$0"
@@ -114,9 +117,10 @@ MIN_STAGE=8
 if ((DRY_RUN)); then
     declare -A FLOOR=([bench-ops]=15 [bench-models]=20)
 else
-    declare -A FLOOR=([tests-gpu]=30 [bench-ops]=60 [bench-models]=90 [tests-other]=40)
+    declare -A FLOOR=([tests-gpu]=30 [bench-ops]=60 [bench-models]=90 [sanitizer]=30 [tests-other]=40)
 fi
-declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=90 [bench-ops]=110 [bench-models]=200 [tests-other]=600 [report]=30)
+declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=120 [bench-ops]=100 [bench-models]=180 [sanitizer]=75
+    [tests-other]=600 [report]=30)
 FAILED=0
 
 say() {
@@ -147,7 +151,7 @@ is_skipped() {
 # Whether a stage will run at all (not skipped, not a GPU-only stage of a dry run).
 will_run() {
     is_skipped "$1" && return 1
-    ((DRY_RUN)) && [[ $1 == build || $1 == tests-gpu || $1 == tests-other ]] && return 1
+    ((DRY_RUN)) && [[ $1 == build || $1 == tests-gpu || $1 == sanitizer || $1 == tests-other ]] && return 1
     return 0
 }
 
@@ -262,7 +266,17 @@ fi
 # script runs in the background (pytest then still writes its junit file).
 PYTEST=("$PY" -m benchmarks.interruptible pytest -p no:cacheprovider -q -rfE --durations=10 --ignore=tests/benchmarks)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
-TESTS_GPU=("${PYTEST[@]}" -m gpu --junitxml="$OUTDIR/results/pytest-tests-gpu.xml")
+# The op tests run their Triton and CUDA cases on the GPU when one is present (the CPU-only cases
+# are quick); tests/model/test_backends_gpu.py is the whole model per backend on the GPU.
+WORKERS=0
+if "$PY" -c "import xdist" 2>/dev/null; then
+    WORKERS=$(($(nproc) / 2))
+    ((WORKERS > 8)) && WORKERS=8
+fi
+XDIST=()
+((WORKERS >= 2)) && XDIST=(-n "$WORKERS")
+TESTS_GPU=("${PYTEST[@]}" "${XDIST[@]}" tests/ops tests/model/test_backends_gpu.py
+    --junitxml="$OUTDIR/results/pytest-tests-gpu.xml")
 if ((DRY_RUN)); then dry_stage tests-gpu "${TESTS_GPU[@]}"; else run_stage tests-gpu "${TESTS_GPU[@]}"; fi
 
 # ---- benchmarks: ceilings, ops, model ------------------------------------------------------
@@ -274,13 +288,23 @@ fi
 run_stage bench-ops "${BENCH[@]}" --suite ops
 run_stage bench-models "${BENCH[@]}" --suite models
 
-# ---- every other test, on this machine -----------------------------------------------------
-TESTS_OTHER=(env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m "not gpu" --junitxml="$OUTDIR/results/pytest-tests-other.xml")
-if "$PY" -c "import xdist" 2>/dev/null; then
-    WORKERS=$(($(nproc) / 2))
-    ((WORKERS > 8)) && WORKERS=8
-    ((WORKERS >= 2)) && TESTS_OTHER+=(-n "$WORKERS")
+# ---- memory checks of every CUDA and Triton kernel -----------------------------------------
+SANITIZER_BIN=$(command -v compute-sanitizer || true)
+for c in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
+    [[ -z $SANITIZER_BIN && -x $c ]] && SANITIZER_BIN=$c
+done
+SANITIZER=("${SANITIZER_BIN:-compute-sanitizer}" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" -m benchmarks.sanitizer_workload)
+if ((DRY_RUN)); then
+    dry_stage sanitizer "${SANITIZER[@]}"
+elif [[ -z $SANITIZER_BIN ]]; then
+    record sanitizer "skipped (no compute-sanitizer)" 0
+else
+    run_stage sanitizer "${SANITIZER[@]}"
 fi
+
+# ---- every other test, on this machine -----------------------------------------------------
+TESTS_OTHER=(env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${XDIST[@]}" --ignore=tests/ops
+    --ignore=tests/model/test_backends_gpu.py --junitxml="$OUTDIR/results/pytest-tests-other.xml")
 if ((DRY_RUN)); then dry_stage tests-other "${TESTS_OTHER[@]}"; else run_stage tests-other "${TESTS_OTHER[@]}"; fi
 
 # ---- report and the closing table ----------------------------------------------------------
