@@ -119,7 +119,7 @@ if ((DRY_RUN)); then
 else
     declare -A FLOOR=([tests-gpu]=30 [bench-ops]=60 [bench-models]=90 [sanitizer]=30 [tests-other]=40)
 fi
-declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=120 [bench-ops]=100 [bench-models]=180 [sanitizer]=75
+declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=100 [bench-ops]=80 [bench-models]=180 [sanitizer]=75
     [tests-other]=600 [report]=30)
 FAILED=0
 
