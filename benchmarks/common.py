@@ -176,7 +176,10 @@ def op_providers(op: str, device: torch.device) -> tuple[list[str], dict[str, st
 
 
 def git_commit() -> tuple[str, bool | None]:
-    """(commit, dirty) of the checkout; MOCE_COMMIT when git is not there (a copied tree)."""
+    """(commit, dirty) of the checkout. MOCE_COMMIT, when set, wins: a copied tree (the device
+    machine's) can carry a stale .git whose HEAD is not the commit the files come from."""
+    if os.environ.get("MOCE_COMMIT"):
+        return os.environ["MOCE_COMMIT"], None
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
@@ -191,7 +194,7 @@ def git_commit() -> tuple[str, bool | None]:
         ).stdout
         return head, bool(status.strip())
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("MOCE_COMMIT", "unknown"), None
+        return "unknown", None
 
 
 def source_fingerprint() -> str:
