@@ -13,6 +13,10 @@
 #                 they have) and a stage with no time left is skipped.
 #   --dry-run     no GPU needed: print the build and test commands instead of running them, and
 #                 run the CPU benchmarks at toy sizes (checks this script end to end)
+#   --tests PATHS space-separated test paths of the tests-gpu stage (default: tests/ops
+#                 tests/model/test_backends_gpu.py), e.g. to re-run what a first run left out
+#   --ops LIST    ops of the op benchmarks (default: all), e.g. layernorm2d,grouped_dwconv
+#   --workloads L model workloads (default: inference,training,video)
 #   --skip LIST   comma-separated stages to leave out: build, tests-gpu, bench-ops,
 #                 bench-models, sanitizer, tests-other, report
 #
@@ -45,6 +49,9 @@ die() {
 }
 
 OUTDIR=""
+TEST_PATHS="tests/ops tests/model/test_backends_gpu.py"
+OPS_ARG=()
+WORKLOADS_ARG=()
 BUDGET=450
 DRY_RUN=0
 SKIP=""
@@ -67,6 +74,15 @@ while (($#)); do
             shift
             ;;
         --skip=*) SKIP=${1#*=} ;;
+        --tests | --ops | --workloads)
+            (($# >= 2)) || die "$1 needs a value"
+            case $1 in
+                --tests) TEST_PATHS=$2 ;;
+                --ops) OPS_ARG=(--ops "$2") ;;
+                --workloads) WORKLOADS_ARG=(--workloads "$2") ;;
+            esac
+            shift
+            ;;
         -*) die "unknown option '$1'" ;;
         *)
             [[ -z $OUTDIR ]] || die "one OUTDIR only (got '$OUTDIR' and '$1')"
@@ -275,7 +291,8 @@ if "$PY" -c "import xdist" 2>/dev/null; then
 fi
 XDIST=()
 ((WORKERS >= 2)) && XDIST=(-n "$WORKERS")
-TESTS_GPU=("${PYTEST[@]}" "${XDIST[@]}" tests/ops tests/model/test_backends_gpu.py
+read -r -a TEST_LIST <<<"$TEST_PATHS"
+TESTS_GPU=("${PYTEST[@]}" "${XDIST[@]}" "${TEST_LIST[@]}"
     --junitxml="$OUTDIR/results/pytest-tests-gpu.xml")
 if ((DRY_RUN)); then dry_stage tests-gpu "${TESTS_GPU[@]}"; else run_stage tests-gpu "${TESTS_GPU[@]}"; fi
 
@@ -285,8 +302,8 @@ if ((DRY_RUN)); then
 else
     BENCH=("$PY" -m benchmarks.run --device cuda --output "$OUTDIR/results" --deadline @DEADLINE@)
 fi
-run_stage bench-ops "${BENCH[@]}" --suite ops
-run_stage bench-models "${BENCH[@]}" --suite models
+run_stage bench-ops "${BENCH[@]}" --suite ops "${OPS_ARG[@]}"
+run_stage bench-models "${BENCH[@]}" --suite models "${WORKLOADS_ARG[@]}"
 
 # ---- memory checks of every CUDA and Triton kernel -----------------------------------------
 SANITIZER_BIN=$(command -v compute-sanitizer || true)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moceir.layers.conv import DepthwiseConv2d
+
 
 def channel_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, temperature: torch.Tensor
@@ -24,8 +26,8 @@ def channel_attention(
     return (attn @ v).reshape(b, c, h, w)
 
 
-def depthwise(channels: int, kernel_size: int, bias: bool) -> nn.Conv2d:
-    return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+def depthwise(channels: int, kernel_size: int, bias: bool) -> DepthwiseConv2d:
+    return DepthwiseConv2d(channels, kernel_size, bias)
 
 
 class Attention(nn.Module):

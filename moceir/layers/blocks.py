@@ -7,6 +7,7 @@ from torch import nn
 
 from moceir.layers.adapter import MoCELayer
 from moceir.layers.attention import Attention, CrossAttention, FeedForward
+from moceir.layers.conv import DepthwiseConv2d
 from moceir.layers.norm import LayerNorm2d
 
 
@@ -96,7 +97,7 @@ class HighPassConv2d(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.conv = DepthwiseConv2d(dim, 3, bias=False)
         laplacian = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]])
         with torch.no_grad():
             self.conv.weight.copy_(laplacian.expand(dim, 1, 3, 3))
