@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-PROVIDER_ORDER = ("reference", "compiled-reference", "auto", "triton", "cuda", "cpu")
+PROVIDER_ORDER = ("reference", "compiled-reference", "auto", "compiled-auto", "triton", "cuda", "cpu")
 MODES = ("forward", "backward", "full")
 OPS = ("route", "dispatch", "combine", "grouped_dwconv", "layernorm2d", "patch_fft_conv")
 WORKLOADS = ("video", "training", "inference")

@@ -16,7 +16,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
-STAGES = ["preflight", "build", "tests-gpu", "bench-ops", "bench-models", "tests-other", "report"]
+STAGES = [
+    "preflight",
+    "build",
+    "tests-gpu",
+    "bench-ops",
+    "bench-models",
+    "sanitizer",
+    "tests-other",
+    "report",
+]
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout"
@@ -92,12 +101,16 @@ def test_dry_run_end_to_end(tmp_path: Path):
     assert took < budget + 10
     status = stages(tmp_path)
     assert list(status) == STAGES
-    for stage in ("build", "tests-gpu", "tests-other"):
+    for stage in ("build", "tests-gpu", "sanitizer", "tests-other"):
         assert status[stage][0] == "skipped (dry run)"
-    # What the GPU run would execute: the in-place build for the local GPU only, pytest -m gpu.
+    # What the GPU run would execute: the in-place build for the local GPU only, the op tests
+    # and the GPU model tests, compute-sanitizer over the sanitizer workload.
     build = (tmp_path / "logs" / "build.log").read_text()
     assert "FORCE_CUDA=1" in build and "setup.py build_ext --inplace" in build and "MAX_JOBS=" in build
-    assert "-m gpu" in (tmp_path / "logs" / "tests-gpu.log").read_text()
+    tests_gpu = (tmp_path / "logs" / "tests-gpu.log").read_text()
+    assert "tests/ops" in tests_gpu and "tests/model/test_backends_gpu.py" in tests_gpu
+    sanitizer = (tmp_path / "logs" / "sanitizer.log").read_text()
+    assert "--tool memcheck" in sanitizer and "benchmarks.sanitizer_workload" in sanitizer
     assert status["preflight"][0] == "ok"
     assert "missing_modules" in json.loads((tmp_path / "environment.json").read_text())
     # The benchmarks ran at toy sizes (or were cut by the budget, which still keeps their rows).
