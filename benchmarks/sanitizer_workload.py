@@ -69,7 +69,9 @@ def check(backend: str, device: torch.device, failures: list[str]) -> None:
     offsets = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], device=device)
     for dtype, atol, rtol in ((torch.float32, 1e-4, 1e-4), (torch.bfloat16, 5e-2, 2e-2)):
         x = torch.randn(sum(rows), c_max, 13, 21, generator=gen).to(device, dtype)
-        per_expert = [torch.randn(c, 1, ks, ks, generator=gen) for c, ks in zip(channels, kernel_sizes)]
+        per_expert = [
+            torch.randn(c, 1, ks, ks, generator=gen) for c, ks in zip(channels, kernel_sizes, strict=True)
+        ]
         weight, _, _, _ = pack_dwconv_weights(per_expert)
         weight = weight.to(device, dtype)
         bias = torch.randn(len(channels), c_max, generator=gen).to(device, dtype)

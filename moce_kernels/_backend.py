@@ -21,6 +21,10 @@ import torch
 #: Every backend name an op's ``backend=`` argument accepts.
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
+#: (op, "triton" | "compiled") -> the implementation, filled by :func:`resolve_backend`. A plain
+#: dict, so that torch.compile traces :func:`implementation` without importing anything.
+_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+
 
 @functools.cache
 def triton_usable() -> tuple[bool, str]:
@@ -64,13 +68,27 @@ def _compiled_usable(op: str, device_type: str) -> bool:
     return device_type in devices
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """Return the concrete backend to run ``op`` with on ``device``.
+
+    Under torch.compile this runs once, at trace time, and its result is a constant: the
+    imports and file lookups it does never break the graph. It also loads the implementation
+    so that :func:`implementation` is a dict lookup.
 
     ``"auto"``: on CUDA the CUDA kernel if built, else Triton, else the reference; on the CPU
     the C++ kernel if built, else the reference. Raises ValueError for an unknown name and
     RuntimeError (saying how to fix it) for a backend not implemented or not usable here.
     """
+    chosen = _resolve(op, backend, device)
+    if chosen != "reference":
+        kind = "triton" if chosen == "triton" else "compiled"
+        if (op, kind) not in _IMPLEMENTATIONS:
+            _IMPLEMENTATIONS[(op, kind)] = getattr(_module(op, kind), f"{op}_{kind}")
+    return chosen
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> str:
     from moce_kernels import _extension  # noqa: PLC0415
 
     if backend not in BACKENDS:
@@ -102,9 +120,12 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The function that runs ``op`` on a resolved, non-reference ``backend``."""
+    """The function that runs ``op`` on a ``backend`` that :func:`resolve_backend` returned."""
     kind = "triton" if backend == "triton" else "compiled"
-    return getattr(_module(op, kind), f"{op}_{kind}")
+    found = _IMPLEMENTATIONS.get((op, kind))
+    if found is None:  # resolved elsewhere (tests call this directly)
+        found = _IMPLEMENTATIONS[(op, kind)] = getattr(_module(op, kind), f"{op}_{kind}")
+    return found
 
 
 def check_available(backend: str) -> None:
@@ -125,6 +146,7 @@ def check_available(backend: str) -> None:
         _extension.require(backend)
 
 
+@torch.compiler.assume_constant_result
 def op_backend(op: str, backend: str) -> str:
     """The backend ``op`` runs with when a whole model asks for ``backend``: the op's own kernel
     of that backend when it has one, else the reference ("auto" picks per op and device)."""
