@@ -366,6 +366,28 @@ def test_out_of_memory_splits_the_batch_then_tiles():
     assert r.tiles > 1
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param(dict(batch_size=0), r"--batch-size must be an int >= 1, got 0", id="batch-0"),
+        pytest.param(dict(tile=-8), r"--tile must be an int >= 0", id="tile-negative"),
+        pytest.param(dict(tile=16, tile_overlap=16), r"--tile-overlap .* = 0\.\.15, got 16", id="overlap"),
+    ],
+)
+def test_restorer_refuses_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Restorer(Pointwise(), torch.device("cpu"), **kwargs)
+
+
+def test_report_name_may_name_a_sub_folder(tmp_path, tiny_checkpoint):
+    src = write_image(tmp_path / "a.png", 16, 16, 0)
+    out = tmp_path / "out"
+    args = ["restore", str(src), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--quiet"]
+    assert main([*args, "--report-name", "reports/run1"]) == 0
+    assert json.loads((out / "reports" / "run1.json").read_text())["restored"] == 1
+    assert (out / "reports" / "run1.csv").is_file() and (out / "a.png").is_file()
+
+
 def test_plan_batches_groups_equal_sizes():
     sizes = [(8, 8), (8, 9), (8, 8), (8, 8), (8, 9)]
     assert plan_batches(sizes, 2) == [[0, 2], [3], [1, 4]]
