@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "check.h"
 #include "combine.h"
 
 namespace moce {
@@ -39,39 +40,39 @@ bool is_supported_dtype(at::ScalarType t) {
 }
 
 void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  MOCE_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  MOCE_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name,
+             " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& y,
                   c10::DeviceType device_type) {
-  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
-  TORCH_CHECK(t.device() == y.device(), op, ": ", name, " must be on the device of y (", y.device(),
-              "), got ", t.device());
+  MOCE_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
+  MOCE_CHECK(t.device() == y.device(), op, ": ", name, " must be on the device of y (", y.device(),
+             "), got ", t.device());
 }
 
 void check_index(const char* op, const char* name, const at::Tensor& t, int64_t slots, const at::Tensor& y,
                  c10::DeviceType device_type) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == slots, op, ": ", name, " must have shape [S] = [", slots,
-              "] (S = y.size(0)), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  MOCE_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  MOCE_CHECK(t.dim() == 1 && t.size(0) == slots, op, ": ", name, " must have shape [S] = [", slots,
+             "] (S = y.size(0)), got shape ", t.sizes());
+  MOCE_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
   check_device(op, name, t, y, device_type);
 }
 
 void check_common(const char* op, const at::Tensor& y, const at::Tensor& gates, const at::Tensor& inverse,
                   const at::Tensor& sorted_slots, c10::DeviceType device_type) {
   check_float(op, "y", y);
-  TORCH_CHECK(y.dim() >= 1, op, ": y must be a [S, ...] tensor (at least 1-D), got a 0-D tensor");
+  MOCE_CHECK(y.dim() >= 1, op, ": y must be a [S, ...] tensor (at least 1-D), got a 0-D tensor");
   check_device(op, "y", y, y, device_type);
   check_float(op, "gates", gates);
-  TORCH_CHECK(gates.dim() == 2 && gates.size(0) * gates.size(1) == y.size(0), op,
-              ": gates must have shape [B, k] with B * k = S = ", y.size(0), " (y.size(0)), got shape ",
-              gates.sizes());
-  TORCH_CHECK(gates.size(1) >= 1, op, ": gates must have at least one column (k >= 1), got shape ",
-              gates.sizes());
+  MOCE_CHECK(gates.dim() == 2 && gates.size(0) * gates.size(1) == y.size(0), op,
+             ": gates must have shape [B, k] with B * k = S = ", y.size(0), " (y.size(0)), got shape ",
+             gates.sizes());
+  MOCE_CHECK(gates.size(1) >= 1, op, ": gates must have at least one column (k >= 1), got shape ",
+             gates.sizes());
   check_device(op, "gates", gates, y, device_type);
   check_index(op, "inverse", inverse, y.size(0), y, device_type);
   check_index(op, "sorted_slots", sorted_slots, y.size(0), y, device_type);
@@ -93,13 +94,13 @@ void combine_check_bwd(const at::Tensor& grad_out, const at::Tensor& y, const at
                        c10::DeviceType device_type) {
   constexpr const char* op = "moce::combine_bwd";
   check_common(op, y, gates, inverse, sorted_slots, device_type);
-  TORCH_CHECK(grad_out.defined(), op, ": grad_out is an undefined tensor");
+  MOCE_CHECK(grad_out.defined(), op, ": grad_out is an undefined tensor");
   std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
   shape[0] = gates.size(0);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape), op, ": grad_out must have shape ",
-              at::IntArrayRef(shape), " ([B, ...] with y's feature shape), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), op, ": grad_out must have the dtype of y (",
-              y.scalar_type(), "), got ", grad_out.scalar_type());
+  MOCE_CHECK(grad_out.sizes() == at::IntArrayRef(shape), op, ": grad_out must have shape ",
+             at::IntArrayRef(shape), " ([B, ...] with y's feature shape), got ", grad_out.sizes());
+  MOCE_CHECK(grad_out.scalar_type() == y.scalar_type(), op, ": grad_out must have the dtype of y (",
+             y.scalar_type(), "), got ", grad_out.scalar_type());
   check_device(op, "grad_out", grad_out, y, device_type);
 }
 
@@ -108,8 +109,8 @@ namespace {
 void check_index_values(const char* op, const char* name, const at::Tensor& index, int64_t bound) {
   const int64_t* idx = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < bound, op, ": ", name, "[", i, "] = ", idx[i],
-                " is out of range [0, ", bound, ")");
+    MOCE_CHECK(idx[i] >= 0 && idx[i] < bound, op, ": ", name, "[", i, "] = ", idx[i],
+               " is out of range [0, ", bound, ")");
   }
 }
 

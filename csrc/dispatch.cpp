@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
 #include "dispatch.h"
 
 namespace moce {
@@ -36,22 +37,22 @@ namespace {
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
                   const char* like_name, c10::DeviceType device_type) {
-  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the device of ", like_name, " (",
-              like.device(), "), got ", t.device());
+  MOCE_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
+  MOCE_CHECK(t.device() == like.device(), op, ": ", name, " must be on the device of ", like_name, " (",
+             like.device(), "), got ", t.device());
 }
 
 void check_index(const char* op, const char* name, const at::Tensor& t, int64_t length) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape [S] = [", length,
-              "], got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  MOCE_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  MOCE_CHECK(t.dim() == 1 && t.size(0) == length, op, ": ", name, " must have shape [S] = [", length,
+             "], got shape ", t.sizes());
+  MOCE_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
 }
 
 void check_rows(const char* op, int64_t slots, int64_t batch) {
-  TORCH_CHECK(batch > 0 ? slots % batch == 0 : slots == 0, op, ": the plan's S = ", slots,
-              " slots must be a multiple of the batch size B = ", batch, " (S = B * k)");
+  MOCE_CHECK(batch > 0 ? slots % batch == 0 : slots == 0, op, ": the plan's S = ", slots,
+             " slots must be a multiple of the batch size B = ", batch, " (S = B * k)");
 }
 
 }  // namespace
@@ -59,13 +60,13 @@ void check_rows(const char* op, int64_t slots, int64_t batch) {
 void dispatch_check_fwd(const at::Tensor& x, const at::Tensor& sorted_images, const at::Tensor& inverse,
                         c10::DeviceType device_type) {
   constexpr const char* op = "moce::dispatch_fwd";
-  TORCH_CHECK(x.defined(), op, ": x is an undefined tensor");
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be a [B, ...] tensor (at least 1-D), got a 0-D tensor");
-  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", x.device());
-  TORCH_CHECK(sorted_images.defined(), op, ": sorted_images is an undefined tensor");
-  TORCH_CHECK(sorted_images.dim() == 1, op, ": sorted_images must be a 1-D [S] tensor, got shape ",
-              sorted_images.sizes());
+  MOCE_CHECK(x.defined(), op, ": x is an undefined tensor");
+  MOCE_CHECK(x.dim() >= 1, op, ": x must be a [B, ...] tensor (at least 1-D), got a 0-D tensor");
+  MOCE_CHECK(x.device().type() == device_type, op, ": x must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", x.device());
+  MOCE_CHECK(sorted_images.defined(), op, ": sorted_images is an undefined tensor");
+  MOCE_CHECK(sorted_images.dim() == 1, op, ": sorted_images must be a 1-D [S] tensor, got shape ",
+             sorted_images.sizes());
   const int64_t slots = sorted_images.size(0);
   check_index(op, "sorted_images", sorted_images, slots);
   check_index(op, "inverse", inverse, slots);
@@ -77,28 +78,28 @@ void dispatch_check_fwd(const at::Tensor& x, const at::Tensor& sorted_images, co
 void dispatch_check_bwd(const at::Tensor& grad_out, const at::Tensor& inverse, int64_t batch,
                         c10::DeviceType device_type) {
   constexpr const char* op = "moce::dispatch_bwd";
-  TORCH_CHECK(grad_out.defined(), op, ": grad_out is an undefined tensor");
-  TORCH_CHECK(grad_out.dim() >= 1, op,
-              ": grad_out must be a [S, ...] tensor (at least 1-D), got a 0-D tensor");
+  MOCE_CHECK(grad_out.defined(), op, ": grad_out is an undefined tensor");
+  MOCE_CHECK(grad_out.dim() >= 1, op,
+             ": grad_out must be a [S, ...] tensor (at least 1-D), got a 0-D tensor");
   const auto t = grad_out.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
-              ": grad_out must be float32, float64, bfloat16 or float16, got ", t);
-  TORCH_CHECK(grad_out.device().type() == device_type, op, ": grad_out must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", grad_out.device());
+  MOCE_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+             ": grad_out must be float32, float64, bfloat16 or float16, got ", t);
+  MOCE_CHECK(grad_out.device().type() == device_type, op, ": grad_out must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", grad_out.device());
   check_index(op, "inverse", inverse, grad_out.size(0));
   check_device(op, "inverse", inverse, grad_out, "grad_out", device_type);
-  TORCH_CHECK(batch >= 0, op, ": batch must be >= 0, got ", batch);
+  MOCE_CHECK(batch >= 0, op, ": batch must be >= 0, got ", batch);
   check_rows(op, grad_out.size(0), batch);
 }
 
 namespace {
 
-// TORCH_CHECK that every index is in [0, bound).
+// MOCE_CHECK that every index is in [0, bound).
 void check_index_values(const char* op, const char* name, const at::Tensor& index, int64_t bound) {
   const int64_t* idx = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < bound, op, ": ", name, "[", i, "] = ", idx[i],
-                " is out of range [0, ", bound, ")");
+    MOCE_CHECK(idx[i] >= 0 && idx[i] < bound, op, ": ", name, "[", i, "] = ", idx[i],
+               " is out of range [0, ", bound, ")");
   }
 }
 

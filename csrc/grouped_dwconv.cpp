@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "check.h"
 #include "grouped_dwconv.h"
 
 namespace moce {
@@ -45,53 +46,53 @@ bool is_supported_dtype(at::ScalarType t) {
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                   c10::DeviceType device_type) {
-  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
-              "), got ", t.device());
+  MOCE_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
+  MOCE_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
+             "), got ", t.device());
 }
 
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets,
                   at::IntArrayRef channels, at::IntArrayRef kernel_sizes, c10::DeviceType device_type) {
-  TORCH_CHECK(x.defined(), op, ": x is an undefined tensor");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D [N, C_max, H, W] tensor, got shape ", x.sizes());
-  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op,
-              ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  MOCE_CHECK(x.defined(), op, ": x is an undefined tensor");
+  MOCE_CHECK(x.dim() == 4, op, ": x must be a 4-D [N, C_max, H, W] tensor, got shape ", x.sizes());
+  MOCE_CHECK(is_supported_dtype(x.scalar_type()), op,
+             ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
   check_device(op, "x", x, x, device_type);
-  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one channel (C_max >= 1), got shape ", x.sizes());
+  MOCE_CHECK(x.size(1) >= 1, op, ": x must have at least one channel (C_max >= 1), got shape ", x.sizes());
 
-  TORCH_CHECK(weight.defined(), op, ": weight is an undefined tensor");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
-                  weight.size(2) == weight.size(3),
-              op, ": weight must have shape [E, C_max, K_max, K_max] with E >= 1 and C_max = ", x.size(1),
-              " (x.size(1)), got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(3) % 2 == 1, op, ": weight's window K_max must be odd, got ", weight.size(3));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (",
-              x.scalar_type(), "), got ", weight.scalar_type());
+  MOCE_CHECK(weight.defined(), op, ": weight is an undefined tensor");
+  MOCE_CHECK(weight.dim() == 4 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
+                 weight.size(2) == weight.size(3),
+             op, ": weight must have shape [E, C_max, K_max, K_max] with E >= 1 and C_max = ", x.size(1),
+             " (x.size(1)), got shape ", weight.sizes());
+  MOCE_CHECK(weight.size(3) % 2 == 1, op, ": weight's window K_max must be odd, got ", weight.size(3));
+  MOCE_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (",
+             x.scalar_type(), "), got ", weight.scalar_type());
   check_device(op, "weight", weight, x, device_type);
 
   const int64_t num_experts = weight.size(0);
-  TORCH_CHECK(offsets.defined(), op, ": offsets is an undefined tensor");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == num_experts + 1, op,
-              ": offsets must have shape [E + 1] = [", num_experts + 1, "] (E = weight.size(0)), got shape ",
-              offsets.sizes());
-  TORCH_CHECK(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt, op,
-              ": offsets must be int64 or int32, got ", offsets.scalar_type());
+  MOCE_CHECK(offsets.defined(), op, ": offsets is an undefined tensor");
+  MOCE_CHECK(offsets.dim() == 1 && offsets.size(0) == num_experts + 1, op,
+             ": offsets must have shape [E + 1] = [", num_experts + 1, "] (E = weight.size(0)), got shape ",
+             offsets.sizes());
+  MOCE_CHECK(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt, op,
+             ": offsets must be int64 or int32, got ", offsets.scalar_type());
   check_device(op, "offsets", offsets, x, device_type);
 
-  TORCH_CHECK(static_cast<int64_t>(channels.size()) == num_experts, op,
-              ": channels must have E = ", num_experts, " entries (E = weight.size(0)), got ",
-              channels.size());
-  TORCH_CHECK(static_cast<int64_t>(kernel_sizes.size()) == num_experts, op,
-              ": kernel_sizes must have E = ", num_experts, " entries (E = weight.size(0)), got ",
-              kernel_sizes.size());
+  MOCE_CHECK(static_cast<int64_t>(channels.size()) == num_experts, op,
+             ": channels must have E = ", num_experts, " entries (E = weight.size(0)), got ",
+             channels.size());
+  MOCE_CHECK(static_cast<int64_t>(kernel_sizes.size()) == num_experts, op,
+             ": kernel_sizes must have E = ", num_experts, " entries (E = weight.size(0)), got ",
+             kernel_sizes.size());
   const int64_t k_max = weight.size(3);
   for (int64_t e = 0; e < num_experts; ++e) {
-    TORCH_CHECK(channels[e] >= 1 && channels[e] <= x.size(1), op, ": channels[", e,
-                "] must be in 1..C_max = 1..", x.size(1), ", got ", channels[e]);
+    MOCE_CHECK(channels[e] >= 1 && channels[e] <= x.size(1), op, ": channels[", e,
+               "] must be in 1..C_max = 1..", x.size(1), ", got ", channels[e]);
     const int64_t k = kernel_sizes[e];
-    TORCH_CHECK(k >= 1 && k % 2 == 1 && k <= kDwconvMaxKernelSize && k <= k_max, op, ": kernel_sizes[", e,
-                "] must be odd, in 1..", kDwconvMaxKernelSize, " and <= K_max = ", k_max, ", got ", k);
+    MOCE_CHECK(k >= 1 && k % 2 == 1 && k <= kDwconvMaxKernelSize && k <= k_max, op, ": kernel_sizes[", e,
+               "] must be odd, in 1..", kDwconvMaxKernelSize, " and <= K_max = ", k_max, ", got ", k);
   }
 }
 
@@ -110,11 +111,11 @@ void grouped_dwconv_check_fwd(const at::Tensor& x, const at::Tensor& weight,
   constexpr const char* op = "moce::grouped_dwconv_fwd";
   check_common(op, x, weight, offsets, channels, kernel_sizes, device_type);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1), op,
-                ": bias must have shape [E, C_max] = [", weight.size(0), ", ", x.size(1), "], got shape ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (",
-                x.scalar_type(), "), got ", bias->scalar_type());
+    MOCE_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1), op,
+               ": bias must have shape [E, C_max] = [", weight.size(0), ", ", x.size(1), "], got shape ",
+               bias->sizes());
+    MOCE_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (",
+               x.scalar_type(), "), got ", bias->scalar_type());
     check_device(op, "bias", *bias, x, device_type);
   }
 }
@@ -124,11 +125,11 @@ void grouped_dwconv_check_bwd(const at::Tensor& grad_y, const at::Tensor& x, con
                               at::IntArrayRef kernel_sizes, c10::DeviceType device_type) {
   constexpr const char* op = "moce::grouped_dwconv_bwd";
   check_common(op, x, weight, offsets, channels, kernel_sizes, device_type);
-  TORCH_CHECK(grad_y.defined(), op, ": grad_y is an undefined tensor");
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x (", x.sizes(), "), got ",
-              grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
-              x.scalar_type(), "), got ", grad_y.scalar_type());
+  MOCE_CHECK(grad_y.defined(), op, ": grad_y is an undefined tensor");
+  MOCE_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x (", x.sizes(), "), got ",
+             grad_y.sizes());
+  MOCE_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
+             x.scalar_type(), "), got ", grad_y.scalar_type());
   check_device(op, "grad_y", grad_y, x, device_type);
 }
 
@@ -139,10 +140,12 @@ std::vector<int64_t> expert_of_rows(const char* op, const at::Tensor& offsets, i
   const at::Tensor offs = offsets.to(at::kLong).contiguous();
   const int64_t* o = offs.const_data_ptr<int64_t>();
   const int64_t num_experts = offs.size(0) - 1;
-  TORCH_CHECK(o[0] == 0 && o[num_experts] == rows, op, ": offsets must rise from 0 to N = ", rows, ", got ",
-              offs);
+  // The values as a list ([0, 3, 5]): a Tensor has no text without iostreams (see check.h).
+  const at::IntArrayRef values(o, static_cast<size_t>(num_experts + 1));
+  MOCE_CHECK(o[0] == 0 && o[num_experts] == rows, op, ": offsets must rise from 0 to N = ", rows, ", got ",
+             values);
   for (int64_t e = 0; e < num_experts; ++e) {
-    TORCH_CHECK(o[e] <= o[e + 1], op, ": offsets must be non-decreasing, got ", offs);
+    MOCE_CHECK(o[e] <= o[e + 1], op, ": offsets must be non-decreasing, got ", values);
   }
   // Checked first: with 0 = o[0] <= ... <= o[E] = rows every index below is in range.
   std::vector<int64_t> expert(rows);
@@ -245,7 +248,7 @@ __attribute__((always_inline)) inline void conv_plane_any(int64_t K, const acc_t
     case 9:
       return conv_plane_k<9>(padded, taps, bias, out, H, W);
     default:
-      TORCH_CHECK(false, "moce::grouped_dwconv: unsupported kernel size ", K);
+      MOCE_CHECK(false, "moce::grouped_dwconv: unsupported kernel size ", K);
   }
 }
 
@@ -265,7 +268,7 @@ __attribute__((always_inline)) inline void weight_grad_plane_any(int64_t K, cons
     case 9:
       return weight_grad_plane_k<9>(padded_x, padded_grad, partial, H, W);
     default:
-      TORCH_CHECK(false, "moce::grouped_dwconv: unsupported kernel size ", K);
+      MOCE_CHECK(false, "moce::grouped_dwconv: unsupported kernel size ", K);
   }
 }
 

@@ -18,7 +18,7 @@ constexpr int64_t kDwconvMaxKernelSize = 9;
 // term, for the largest K_e of the call.
 int64_t grouped_dwconv_num_taps(at::IntArrayRef kernel_sizes);
 
-// TORCH_CHECK the arguments of moce::grouped_dwconv_fwd: x [N, C_max, H, W] floating with
+// MOCE_CHECK the arguments of moce::grouped_dwconv_fwd: x [N, C_max, H, W] floating with
 // C_max >= 1; weight [E, C_max, K_max, K_max] (K_max odd) and bias [E, C_max] (if given) in x's
 // dtype; offsets [E + 1] int32 / int64; all on one device of type device_type; channels and
 // kernel_sizes E ints, 1 <= channels[e] <= C_max, kernel_sizes[e] odd in 1..min(9, K_max).
@@ -28,7 +28,7 @@ void grouped_dwconv_check_fwd(const at::Tensor& x, const at::Tensor& weight,
                               at::IntArrayRef channels, at::IntArrayRef kernel_sizes,
                               c10::DeviceType device_type);
 
-// TORCH_CHECK the arguments of moce::grouped_dwconv_bwd: as above, plus grad_y of x's shape and
+// MOCE_CHECK the arguments of moce::grouped_dwconv_bwd: as above, plus grad_y of x's shape and
 // dtype on x's device.
 void grouped_dwconv_check_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& offsets, at::IntArrayRef channels,

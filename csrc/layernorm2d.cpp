@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "check.h"
 #include "layernorm2d.h"
 
 namespace moce {
@@ -34,31 +35,31 @@ bool is_supported_dtype(at::ScalarType t) {
 }
 
 void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  MOCE_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name,
+             " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                   c10::DeviceType device_type) {
-  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
-              "), got ", t.device());
+  MOCE_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
+  MOCE_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(),
+             "), got ", t.device());
 }
 
 void check_x(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
-  TORCH_CHECK(x.defined(), op, ": x is an undefined tensor");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D [B, C, H, W] tensor, got shape ", x.sizes());
+  MOCE_CHECK(x.defined(), op, ": x is an undefined tensor");
+  MOCE_CHECK(x.dim() == 4, op, ": x must be a 4-D [B, C, H, W] tensor, got shape ", x.sizes());
   check_float_dtype(op, "x", x);
   check_device(op, "x", x, x, device_type);
-  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one channel (C >= 1), got shape ", x.sizes());
+  MOCE_CHECK(x.size(1) >= 1, op, ": x must have at least one channel (C >= 1), got shape ", x.sizes());
 }
 
 void check_channel_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                           c10::DeviceType device_type) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape [C] = [",
-              x.size(1), "] (C = x.size(1)), got shape ", t.sizes());
+  MOCE_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  MOCE_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape [C] = [",
+             x.size(1), "] (C = x.size(1)), got shape ", t.sizes());
   check_float_dtype(op, name, t);
   check_device(op, name, t, x, device_type);
 }
@@ -75,7 +76,7 @@ void layernorm2d_check_fwd(const at::Tensor& x, const at::Tensor& weight, const 
   check_x(op, x, device_type);
   check_channel_vector(op, "weight", weight, x, device_type);
   check_channel_vector(op, "bias", bias, x, device_type);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be finite and > 0, got ", eps);
+  MOCE_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be finite and > 0, got ", eps);
 }
 
 void layernorm2d_check_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
@@ -83,20 +84,20 @@ void layernorm2d_check_bwd(const at::Tensor& grad_y, const at::Tensor& x, const 
   constexpr const char* op = "moce::layernorm2d_bwd";
   check_x(op, x, device_type);
   check_channel_vector(op, "weight", weight, x, device_type);
-  TORCH_CHECK(grad_y.defined(), op, ": grad_y is an undefined tensor");
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x (", x.sizes(),
-              "), got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
-              x.scalar_type(), "), got ", grad_y.scalar_type());
+  MOCE_CHECK(grad_y.defined(), op, ": grad_y is an undefined tensor");
+  MOCE_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x (", x.sizes(),
+             "), got ", grad_y.sizes());
+  MOCE_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
+             x.scalar_type(), "), got ", grad_y.scalar_type());
   check_device(op, "grad_y", grad_y, x, device_type);
   const auto stats_dtype = layernorm2d_stats_dtype(x.scalar_type());
   const std::vector<int64_t> stats_shape{x.size(0), x.size(2), x.size(3)};
   const auto check_stats = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(stats_shape), op, ": ", name, " must have shape [B, H, W] = ",
-                at::IntArrayRef(stats_shape), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == stats_dtype, op, ": ", name, " must have dtype ", stats_dtype,
-                " (the statistics dtype of a ", x.scalar_type(), " input), got ", t.scalar_type());
+    MOCE_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    MOCE_CHECK(t.sizes() == at::IntArrayRef(stats_shape), op, ": ", name, " must have shape [B, H, W] = ",
+               at::IntArrayRef(stats_shape), ", got ", t.sizes());
+    MOCE_CHECK(t.scalar_type() == stats_dtype, op, ": ", name, " must have dtype ", stats_dtype,
+               " (the statistics dtype of a ", x.scalar_type(), " input), got ", t.scalar_type());
     check_device(op, name, t, x, device_type);
   };
   check_stats("mean", mean);

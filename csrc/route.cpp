@@ -30,6 +30,7 @@
 #include <optional>
 #include <vector>
 
+#include "check.h"
 #include "route.h"
 
 namespace moce {
@@ -42,17 +43,17 @@ bool is_supported_dtype(at::ScalarType t) {
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
                   const char* like_name, c10::DeviceType device_type) {
-  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the device of ", like_name, " (",
-              like.device(), "), got ", t.device());
+  MOCE_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
+             c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ", t.device());
+  MOCE_CHECK(t.device() == like.device(), op, ": ", name, " must be on the device of ", like_name, " (",
+             like.device(), "), got ", t.device());
 }
 
 void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t rows, int64_t cols,
                   const char* shape_name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name, " must have shape ",
-              shape_name, " = [", rows, ", ", cols, "], got shape ", t.sizes());
+  MOCE_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  MOCE_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name, " must have shape ",
+             shape_name, " = [", rows, ", ", cols, "], got shape ", t.sizes());
 }
 
 }  // namespace
@@ -60,19 +61,19 @@ void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t
 void route_check_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& noise, int64_t k,
                      c10::DeviceType device_type) {
   constexpr const char* op = "moce::route_fwd";
-  TORCH_CHECK(logits.defined(), op, ": logits is an undefined tensor");
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be a 2-D [B, E] tensor, got shape ", logits.sizes());
-  TORCH_CHECK(is_supported_dtype(logits.scalar_type()), op,
-              ": logits must be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
+  MOCE_CHECK(logits.defined(), op, ": logits is an undefined tensor");
+  MOCE_CHECK(logits.dim() == 2, op, ": logits must be a 2-D [B, E] tensor, got shape ", logits.sizes());
+  MOCE_CHECK(is_supported_dtype(logits.scalar_type()), op,
+             ": logits must be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
   check_device(op, "logits", logits, logits, "logits", device_type);
   const int64_t num_experts = logits.size(1);
-  TORCH_CHECK(num_experts >= 1, op, ": logits must have at least one expert column (E >= 1), got shape ",
-              logits.sizes());
-  TORCH_CHECK(k >= 1 && k <= num_experts, op, ": k must be in 1..E = 1..", num_experts, ", got ", k);
+  MOCE_CHECK(num_experts >= 1, op, ": logits must have at least one expert column (E >= 1), got shape ",
+             logits.sizes());
+  MOCE_CHECK(k >= 1 && k <= num_experts, op, ": k must be in 1..E = 1..", num_experts, ", got ", k);
   if (noise.has_value() && noise->defined()) {
     check_matrix(op, "noise", *noise, logits.size(0), num_experts, "[B, E]");
-    TORCH_CHECK(is_supported_dtype(noise->scalar_type()), op,
-                ": noise must be float32, float64, bfloat16 or float16, got ", noise->scalar_type());
+    MOCE_CHECK(is_supported_dtype(noise->scalar_type()), op,
+               ": noise must be float32, float64, bfloat16 or float16, got ", noise->scalar_type());
     check_device(op, "noise", *noise, logits, "logits", device_type);
   }
 }
@@ -81,26 +82,26 @@ void route_check_bwd(const at::Tensor& noisy, const at::Tensor& probs, const at:
                      const std::optional<at::Tensor>& grad_gates, const std::optional<at::Tensor>& grad_probs,
                      const std::optional<at::Tensor>& grad_noisy, c10::DeviceType device_type) {
   constexpr const char* op = "moce::route_bwd";
-  TORCH_CHECK(noisy.defined(), op, ": noisy is an undefined tensor");
-  TORCH_CHECK(noisy.dim() == 2, op, ": noisy must be a 2-D [B, E] tensor, got shape ", noisy.sizes());
+  MOCE_CHECK(noisy.defined(), op, ": noisy is an undefined tensor");
+  MOCE_CHECK(noisy.dim() == 2, op, ": noisy must be a 2-D [B, E] tensor, got shape ", noisy.sizes());
   const int64_t batch = noisy.size(0), num_experts = noisy.size(1);
-  TORCH_CHECK(noisy.scalar_type() == at::kFloat, op, ": noisy must be float32, got ", noisy.scalar_type());
+  MOCE_CHECK(noisy.scalar_type() == at::kFloat, op, ": noisy must be float32, got ", noisy.scalar_type());
   check_device(op, "noisy", noisy, noisy, "noisy", device_type);
   check_matrix(op, "probs", probs, batch, num_experts, "[B, E]");
-  TORCH_CHECK(probs.scalar_type() == at::kFloat, op, ": probs must be float32, got ", probs.scalar_type());
+  MOCE_CHECK(probs.scalar_type() == at::kFloat, op, ": probs must be float32, got ", probs.scalar_type());
   check_device(op, "probs", probs, noisy, "noisy", device_type);
-  TORCH_CHECK(experts.defined(), op, ": experts is an undefined tensor");
-  TORCH_CHECK(experts.dim() == 2 && experts.size(0) == batch, op,
-              ": experts must have shape [B, k] with B = ", batch, ", got shape ", experts.sizes());
-  TORCH_CHECK(experts.scalar_type() == at::kLong, op, ": experts must be int64, got ", experts.scalar_type());
+  MOCE_CHECK(experts.defined(), op, ": experts is an undefined tensor");
+  MOCE_CHECK(experts.dim() == 2 && experts.size(0) == batch, op,
+             ": experts must have shape [B, k] with B = ", batch, ", got shape ", experts.sizes());
+  MOCE_CHECK(experts.scalar_type() == at::kLong, op, ": experts must be int64, got ", experts.scalar_type());
   check_device(op, "experts", experts, noisy, "noisy", device_type);
   const int64_t k = experts.size(1);
   const auto check_grad = [&](const char* name, const std::optional<at::Tensor>& g, int64_t cols,
                               const char* shape_name) {
     if (!g.has_value() || !g->defined()) return;
     check_matrix(op, name, *g, batch, cols, shape_name);
-    TORCH_CHECK(is_supported_dtype(g->scalar_type()), op, ": ", name,
-                " must be float32, float64, bfloat16 or float16, got ", g->scalar_type());
+    MOCE_CHECK(is_supported_dtype(g->scalar_type()), op, ": ", name,
+               " must be float32, float64, bfloat16 or float16, got ", g->scalar_type());
     check_device(op, name, *g, noisy, "noisy", device_type);
   };
   check_grad("grad_gates", grad_gates, k, "[B, k]");

@@ -23,12 +23,12 @@ C10_HOST_DEVICE inline bool route_ranks_before(float pa, int64_t a, float pb, in
   return a < b;
 }
 
-// TORCH_CHECK the arguments of moce::route_fwd: logits [B, E] floating with E >= 1; noise (if
+// MOCE_CHECK the arguments of moce::route_fwd: logits [B, E] floating with E >= 1; noise (if
 // given) floating of the same shape on the same device; 1 <= k <= E.
 void route_check_fwd(const at::Tensor& logits, const std::optional<at::Tensor>& noise, int64_t k,
                      c10::DeviceType device_type);
 
-// TORCH_CHECK the arguments of moce::route_bwd: noisy and probs [B, E] float32, experts [B, k]
+// MOCE_CHECK the arguments of moce::route_bwd: noisy and probs [B, E] float32, experts [B, k]
 // int64, the optional gradients floating with the shapes of gates [B, k], probs and noisy.
 void route_check_bwd(const at::Tensor& noisy, const at::Tensor& probs, const at::Tensor& experts,
                      const std::optional<at::Tensor>& grad_gates, const std::optional<at::Tensor>& grad_probs,

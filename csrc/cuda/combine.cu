@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "../check.h"
 #include "../combine.h"
 #include "combine.cuh"
 
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> combine_bwd_cuda(const at::Tensor& grad_out_i
             C10_CUDA_KERNEL_LAUNCH_CHECK();
 
             const int64_t chunks = (packs + rows::kGateChunkPacks - 1) / rows::kGateChunkPacks;
-            TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "moce::combine_bwd: rows too long");
+            MOCE_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "moce::combine_bwd: rows too long");
             // [S, chunks] partial sums; every entry is written by the first kernel.
             at::Tensor partial = at::empty({slots, chunks}, y.options().dtype(acc_dtype));
             const dim3 grid(static_cast<unsigned int>(chunks),
@@ -136,10 +137,10 @@ std::tuple<at::Tensor, at::Tensor> combine_bwd_cuda(const at::Tensor& grad_out_i
                 chunks);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             constexpr int kReduceThreads = 128;  // 4 slots per block, one warp each
-            constexpr int64_t kSlotsPerBlock = kReduceThreads / rows::kWarpSize;
+            constexpr int64_t kSlotsPerBlock = kReduceThreads / kWarpSize;
             const int64_t reduce_blocks = (slots + kSlotsPerBlock - 1) / kSlotsPerBlock;
-            TORCH_CHECK(reduce_blocks <= std::numeric_limits<int32_t>::max(),
-                        "moce::combine_bwd: too many slots");
+            MOCE_CHECK(reduce_blocks <= std::numeric_limits<int32_t>::max(),
+                       "moce::combine_bwd: too many slots");
             rows::combine_gate_reduce_kernel<acc_t, acc_t>
                 <<<static_cast<unsigned int>(reduce_blocks), kReduceThreads, 0, stream>>>(
                     partial.const_data_ptr<acc_t>(), grad_gates.mutable_data_ptr<acc_t>(), slots, chunks);

@@ -1,5 +1,6 @@
 // CUDA kernel bodies of combine (expert outputs back to image order, gate-weighted; schemas,
-// semantics and the CPU kernels in csrc/combine.cpp). Row layout and helpers as in dispatch.cuh.
+// semantics and the CPU kernels in csrc/combine.cpp). Row layout as in dispatch.cuh; the vector
+// and warp helpers are common.cuh's.
 //
 // The gate gradient is a dot product over a whole row per slot: combine_gate_partial_kernel
 // sums fixed chunks of kGateChunk features per block (a fixed shuffle tree), and
@@ -7,6 +8,7 @@
 // bits on every run. Out-of-range indices give NaN, never an out-of-bounds access.
 #pragma once
 
+#include "common.cuh"
 #include "dispatch.cuh"
 
 namespace moce::cuda::rows {

@@ -1,5 +1,5 @@
 // CUDA kernel bodies of dispatch (rows gathered into expert order; schemas, semantics and the CPU
-// kernels in csrc/dispatch.cpp), and the row helpers combine.cuh shares.
+// kernels in csrc/dispatch.cpp), and the row layout combine.cuh shares.
 //
 // Layout: a [rows, ...] tensor is a [rows, F] matrix, F = the product of the other dimensions.
 // Blocks run along a row (blockIdx.x: a slice of the row's vectors) and down the rows
@@ -16,70 +16,10 @@
 
 #include <cstdint>
 #include <cstring>
-#include <limits>
+
+#include "common.cuh"
 
 namespace moce::cuda::rows {
-
-constexpr int kWarpSize = 32;
-
-// VEC elements of T moved as one access of sizeof(T) * VEC bytes (16: a 128-bit access).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T val[VEC];
-};
-
-template <int BYTES>
-struct Word;
-template <>
-struct Word<16> {
-  using type = uint4;
-};
-template <>
-struct Word<8> {
-  using type = uint2;
-};
-template <>
-struct Word<4> {
-  using type = unsigned int;
-};
-template <>
-struct Word<2> {
-  using type = unsigned short;
-};
-template <>
-struct Word<1> {
-  using type = unsigned char;
-};
-
-// ptr must be aligned to sizeof(T) * VEC bytes.
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ ptr) {
-  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
-  const W word = *reinterpret_cast<const W*>(ptr);
-  Pack<T, VEC> pack;
-  memcpy(&pack, &word, sizeof(pack));
-  return pack;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_pack(T* __restrict__ ptr, const Pack<T, VEC>& pack) {
-  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
-  W word;
-  memcpy(&word, &pack, sizeof(word));
-  *reinterpret_cast<W*>(ptr) = word;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan() {
-  return std::numeric_limits<acc_t>::quiet_NaN();
-}
 
 // A word with every bit set: NaN read as any float type, -1 as any signed integer.
 template <typename W>

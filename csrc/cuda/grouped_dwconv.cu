@@ -16,6 +16,7 @@
 #include <limits>
 #include <optional>
 
+#include "../check.h"
 #include "../grouped_dwconv.h"
 #include "grouped_dwconv.cuh"
 
@@ -31,8 +32,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) %
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 ExpertTable make_table(const char* op, at::IntArrayRef channels, at::IntArrayRef kernel_sizes) {
-  TORCH_CHECK(static_cast<int64_t>(channels.size()) <= dwconv::kMaxExperts, op,
-              ": the CUDA kernels take at most ", dwconv::kMaxExperts, " experts, got ", channels.size());
+  MOCE_CHECK(static_cast<int64_t>(channels.size()) <= dwconv::kMaxExperts, op,
+             ": the CUDA kernels take at most ", dwconv::kMaxExperts, " experts, got ", channels.size());
   ExpertTable table{};
   for (size_t e = 0; e < channels.size(); ++e) {
     table.channels[e] = static_cast<int32_t>(channels[e]);
@@ -50,11 +51,11 @@ Geometry make_geometry(const char* op, const at::Tensor& x, const at::Tensor& we
   g.tiles_w = (g.W + dwconv::kTileW - 1) / dwconv::kTileW;
   g.tiles = ((g.H + dwconv::kTileH - 1) / dwconv::kTileH) * g.tiles_w;
   g.num_experts = static_cast<int>(weight.size(0));
-  TORCH_CHECK(weight.size(3) <= 1023, op, ": weight's window K_max must be at most 1023, got ",
-              weight.size(3));
+  MOCE_CHECK(weight.size(3) <= 1023, op, ": weight's window K_max must be at most 1023, got ",
+             weight.size(3));
   g.k_max = static_cast<int>(weight.size(3));
   const int64_t blocks = g.N * g.C * g.tiles;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": input too large (", blocks, " tiles)");
+  MOCE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": input too large (", blocks, " tiles)");
   return g;
 }
 

@@ -25,12 +25,11 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstring>
-#include <limits>
+
+#include "common.cuh"
 
 namespace moce::cuda::dwconv {
 
-constexpr int kWarpSize = 32;
 constexpr int kTileH = 32;
 constexpr int kTileW = 32;
 constexpr int kRowsPerThread = 4;
@@ -60,53 +59,6 @@ struct ExpertTable {
   int32_t channels[kMaxExperts];
   int32_t kernel_size[kMaxExperts];
 };
-
-// VEC elements of T moved as one access of sizeof(T) * VEC bytes.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T val[VEC];
-};
-
-template <int BYTES>
-struct Word;
-template <>
-struct Word<16> {
-  using type = uint4;
-};
-template <>
-struct Word<8> {
-  using type = uint2;
-};
-template <>
-struct Word<4> {
-  using type = unsigned int;
-};
-template <>
-struct Word<2> {
-  using type = unsigned short;
-};
-
-// ptr must be aligned to sizeof(T) * VEC bytes.
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ ptr) {
-  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
-  const W word = *reinterpret_cast<const W*>(ptr);
-  Pack<T, VEC> pack;
-  memcpy(&pack, &word, sizeof(pack));
-  return pack;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan() {
-  return std::numeric_limits<acc_t>::quiet_NaN();
-}
 
 // The expert owning row n: the e with offsets[e] <= n < offsets[e + 1], or -1 if none.
 __device__ __forceinline__ int find_expert(const int64_t* __restrict__ offsets, int num_experts, int64_t n) {

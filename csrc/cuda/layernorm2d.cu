@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../check.h"
 #include "../layernorm2d.h"
 #include "layernorm2d.cuh"
 
@@ -34,8 +35,8 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 unsigned int grid_for(int64_t threads_needed, int block) {
   const int64_t blocks = (threads_needed + block - 1) / block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d: input too large (",
-              threads_needed, " threads)");
+  MOCE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d: input too large (",
+             threads_needed, " threads)");
   return static_cast<unsigned int>(blocks);
 }
 
@@ -118,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm2d_bwd_cuda(const at::Te
           partial_w.mutable_data_ptr<acc_t>(), partial_b.mutable_data_ptr<acc_t>(), total, packs_per_image,
           C, N, num_warps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d_bwd: too many channels");
+      MOCE_CHECK(C <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d_bwd: too many channels");
       layernorm2d_bwd_weight_kernel<acc_t, kReduceThreads>
           <<<static_cast<unsigned int>(C), kReduceThreads, 0, stream>>>(
               partial_w.const_data_ptr<acc_t>(), partial_b.const_data_ptr<acc_t>(),

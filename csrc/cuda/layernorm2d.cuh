@@ -12,71 +12,13 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstring>
+
+#include "common.cuh"
 
 namespace moce::cuda {
 
-constexpr int kWarpSize = 32;
-
-// VEC elements of T, moved as one access of sizeof(T) * VEC bytes (16: a 128-bit access).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T val[VEC];
-};
-
-// The raw word a Pack travels as (uint4 / uint2 / unsigned int / unsigned short), so that a Pack
-// is one vector instruction: a plain struct copy may be split into VEC scalar accesses.
-template <int BYTES>
-struct Word;
-template <>
-struct Word<16> {
-  using type = uint4;
-};
-template <>
-struct Word<8> {
-  using type = uint2;
-};
-template <>
-struct Word<4> {
-  using type = unsigned int;
-};
-template <>
-struct Word<2> {
-  using type = unsigned short;
-};
-
-// ptr must be aligned to sizeof(T) * VEC bytes.
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ ptr) {
-  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
-  const W word = *reinterpret_cast<const W*>(ptr);
-  Pack<T, VEC> pack;
-  memcpy(&pack, &word, sizeof(pack));
-  return pack;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_pack(T* __restrict__ ptr, const Pack<T, VEC>& pack) {
-  using W = typename Word<sizeof(Pack<T, VEC>)>::type;
-  W word;
-  memcpy(&word, &pack, sizeof(pack));
-  // __stwb (st.global.wb, the default caching) rather than a plain store: nvcc splits a plain
-  // store of the word back into VEC scalar stores in some kernels.
-  __stwb(reinterpret_cast<W*>(ptr), word);
-}
-
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
-
-// Sum over the 32 lanes in a fixed order; the result is valid in lane 0.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
 
 // y = (x - mean) * rstd * w + b over C at every pixel; writes mean and rstd ([B, N]).
 //
@@ -142,7 +84,7 @@ __global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N
     for (int i = 0; i < VEC; ++i) {
       out.val[i] = static_cast<T>((static_cast<acc_t>(v.val[i]) - mu[i]) * rs[i] * wc + bc);
     }
-    store_pack<T, VEC>(yb + c * N, out);
+    store_pack_wb<T, VEC>(yb + c * N, out);
   }
 }
 
@@ -225,10 +167,10 @@ __global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C
         gw += dyi * xhat;
         gb += dyi;
       }
-      store_pack<T, VEC>(dx + offset + c * N, out);
+      store_pack_wb<T, VEC>(dx + offset + c * N, out);
     }
-    gw = warp_sum(gw);
-    gb = warp_sum(gb);
+    gw = warp_sum_lane0(gw);
+    gb = warp_sum_lane0(gb);
     if (lane == 0) {
       partial_w[c * num_warps + warp] = gw;
       partial_b[c * num_warps + warp] = gb;
@@ -257,8 +199,8 @@ __global__ void layernorm2d_bwd_weight_kernel(const acc_t* __restrict__ partial_
     sw += pw[i];
     sb += pb[i];
   }
-  sw = warp_sum(sw);
-  sb = warp_sum(sb);
+  sw = warp_sum_lane0(sw);
+  sb = warp_sum_lane0(sb);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   if (lane == 0) {
@@ -269,8 +211,8 @@ __global__ void layernorm2d_bwd_weight_kernel(const acc_t* __restrict__ partial_
   if (warp == 0) {
     sw = lane < kWarps ? shared_w[lane] : acc_t(0);
     sb = lane < kWarps ? shared_b[lane] : acc_t(0);
-    sw = warp_sum(sw);
-    sb = warp_sum(sb);
+    sw = warp_sum_lane0(sw);
+    sb = warp_sum_lane0(sb);
     if (lane == 0) {
       grad_w[c] = sw;
       grad_b[c] = sb;

@@ -12,6 +12,7 @@
 #include <limits>
 #include <optional>
 
+#include "../check.h"
 #include "../route.h"
 #include "route.cuh"
 
@@ -25,8 +26,8 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 unsigned int blocks_for(int64_t items) {
   const int64_t blocks = (items + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "moce::route: input too large (", items,
-              " rows)");
+  MOCE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "moce::route: input too large (", items,
+             " rows)");
   return static_cast<unsigned int>(blocks);
 }
 
@@ -35,8 +36,8 @@ using Plan = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tens
 
 Plan route_fwd_cuda(const at::Tensor& logits_in, const std::optional<at::Tensor>& noise_in, int64_t k) {
   route_check_fwd(logits_in, noise_in, k, c10::DeviceType::CUDA);
-  TORCH_CHECK(logits_in.size(1) <= routing::kMaxExperts, "moce::route_fwd: the CUDA kernels take at most ",
-              routing::kMaxExperts, " experts, got ", logits_in.size(1));
+  MOCE_CHECK(logits_in.size(1) <= routing::kMaxExperts, "moce::route_fwd: the CUDA kernels take at most ",
+             routing::kMaxExperts, " experts, got ", logits_in.size(1));
   const c10::cuda::CUDAGuard guard(logits_in.device());
   // Conversions on the device (no synchronisation); no-ops for contiguous float32 inputs.
   const at::Tensor logits = logits_in.to(at::kFloat).contiguous();

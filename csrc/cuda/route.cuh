@@ -20,10 +20,10 @@
 #include <limits>
 
 #include "../route.h"
+#include "common.cuh"
 
 namespace moce::cuda::routing {
 
-constexpr int kWarpSize = 32;
 constexpr int kRankThreads = 1024;
 constexpr int kRankWarps = kRankThreads / kWarpSize;
 // Shared memory of route_rank_kernel: kRankWarps * E int32 counts + E int64 running counts.
