@@ -85,6 +85,39 @@ def latest_by_device(runs: list[Run]) -> dict[tuple[str, str], dict[str, Run]]:
     return dict(out)
 
 
+def _row_key(suite: str, r: dict) -> tuple:
+    if suite == "ops":
+        return (r.get("op"),)
+    return (r.get("workload"), r.get("case"), r.get("precision"))
+
+
+def runs_by_device(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
+    """{device: {suite: runs, newest first}}: each op (each model workload) is shown from the
+    newest run that measured it, so a partial re-run (``--ops layernorm2d``) adds to the
+    earlier full run instead of hiding it. Each returned run holds only the rows it shows."""
+    out: dict[tuple[str, str], dict[str, list[Run]]] = defaultdict(dict)
+    for device, suites in latest_by_device(runs).items():
+        candidates = [r for r in runs if r.device_key == device]
+        real = [r for r in candidates if r.data.get("size") != "tiny"] or candidates
+        newest_first = sorted(real, key=lambda r: r.date, reverse=True)
+        for suite in suites:
+            owner: dict[tuple, Run] = {}
+            for run in newest_first:  # the newest run with a measured row of the key owns it
+                for r in run.suite_rows(suite):
+                    if r.get("status") == "ok":
+                        owner.setdefault(_row_key(suite, r), run)
+            for run in newest_first:  # keys never measured: the newest run that has them
+                for r in run.suite_rows(suite):
+                    owner.setdefault(_row_key(suite, r), run)
+            shown = []
+            for run in newest_first:
+                rows = [r for r in run.rows if r.get("suite") != suite or owner[_row_key(suite, r)] is run]
+                if any(r.get("suite") == suite for r in rows):
+                    shown.append(Run(run.path, {**run.data, "results": rows}))
+            out[device][suite] = shown
+    return dict(out)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
@@ -513,24 +546,23 @@ def render(runs: list[Run], plots_dir: Path | None, md_dir: Path) -> str:
     ]
     if not runs:
         return "\n".join([*out, "No result files yet: run `python -m benchmarks.run`.", ""])
-    latest = latest_by_device(runs)
-    for (device_type, device), suites in sorted(latest.items()):
+    shown = runs_by_device(runs)
+    for (device_type, device), suites in sorted(shown.items()):
         out += [f"## {device} ({device_type})", ""]
         for suite in ("ops", "models"):
-            run = suites.get(suite)
-            if run is None:
-                continue
-            out += [f"Run `{run.path.name}`:", "", *run_header(run), ""]
-            plot_rel = None
-            if plots_dir is not None:
-                png = plots_dir / f"{slug(device_type + '-' + device)}-{suite}.png"
-                plotter = plot_ops if suite == "ops" else plot_models
-                if plotter(run, png, f"{device} ({device_type}): {suite}"):
-                    try:
-                        plot_rel = png.resolve().relative_to(md_dir.resolve()).as_posix()
-                    except ValueError:
-                        plot_rel = png.resolve().as_posix()
-            out += ops_section(run, plot_rel) if suite == "ops" else models_section(run, plot_rel)
+            for i, run in enumerate(suites.get(suite, [])):
+                out += [f"Run `{run.path.name}`:", "", *run_header(run), ""]
+                plot_rel = None
+                if plots_dir is not None:
+                    part = "" if i == 0 else f"-{i + 1}"
+                    png = plots_dir / f"{slug(device_type + '-' + device)}-{suite}{part}.png"
+                    plotter = plot_ops if suite == "ops" else plot_models
+                    if plotter(run, png, f"{device} ({device_type}): {suite}"):
+                        try:
+                            plot_rel = png.resolve().relative_to(md_dir.resolve()).as_posix()
+                        except ValueError:
+                            plot_rel = png.resolve().as_posix()
+                out += ops_section(run, plot_rel) if suite == "ops" else models_section(run, plot_rel)
     out += ["## Every run", ""]
     body = []
     for run in sorted(runs, key=lambda r: r.date, reverse=True):

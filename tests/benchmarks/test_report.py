@@ -177,3 +177,23 @@ def test_summary_table_of_a_device_check(tmp_path: Path):
     assert "4.00x" in row
     row = next(line for line in lines if line.startswith("training") and " auto " in line)
     assert "4.00x" in row and "2.00x" in row
+
+
+def test_a_partial_rerun_adds_to_the_earlier_run(tmp_path: Path):
+    """A newer run of one op shows that op; the other ops still come from the older full run."""
+    old = fixture_run()
+    new = copy.deepcopy(old)
+    new["environment"]["date"] = "2099-01-01T00:00:00+00:00"
+    new["environment"]["commit"] = "f" * 40
+    ops = sorted({r["op"] for r in old["results"] if r.get("suite") == "ops"})
+    rerun = ops[0]
+    new["results"] = [r for r in new["results"] if r.get("op") == rerun]
+    write_run(tmp_path / "results", "old.json", old)
+    write_run(tmp_path / "results", "new.json", new)
+    runs = report.load_runs(tmp_path / "results")
+    shown = report.runs_by_device(runs)[runs[0].device_key]["ops"]
+    assert [r.path.name for r in shown] == ["new.json", "old.json"]
+    assert {r["op"] for r in shown[0].suite_rows("ops")} == {rerun}
+    assert {r["op"] for r in shown[1].suite_rows("ops")} == set(ops) - {rerun}
+    text = report.render(runs, None, tmp_path)
+    assert "`new.json`" in text and "`old.json`" in text

@@ -94,13 +94,29 @@ def test_gpu_backend_matches_reference_bf16(backend):
     torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_gpu_backend_is_deterministic(backend):
-    """Two training forward/backward passes give the same bits (no atomics in the kernels)."""
+@pytest.fixture
+def _deterministic_library_kernels():
+    """cuDNN's default backward algorithms may add with atomics: pin deterministic ones, so the
+    test is about our kernels (on the H200, with cuDNN's defaults, the cuda backend's gradients
+    differed between two runs at rounding level; the cause was not isolated there)."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference-control"), *_backends()])
+def test_gpu_backend_is_deterministic(backend, _deterministic_library_kernels):
+    """Two training forward/backward passes give the same bits (no atomics in our kernels). The
+    reference runs as a control: if it fails too, the library kernels are the cause."""
     model = _model().set_backend(backend)
     x = torch.rand(4, 3, 16, 24, device="cuda")
     first = _run(model, x, True, seed=1)
     second = _run(model, x, True, seed=1)
     assert torch.equal(first[0], second[0])
-    for a, b in zip(first[2], second[2], strict=True):
-        assert (a is None and b is None) or torch.equal(a, b)
+    differ = [
+        name
+        for (name, _), a, b in zip(model.named_parameters(), first[2], second[2], strict=True)
+        if not ((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)))
+    ]
+    assert not differ, f"gradients differ between two identical steps: {differ[:8]}"
