@@ -26,18 +26,54 @@ from moceir.config import CONFIG_FIELDS, MoCEIRConfig
 KNOWN_PREFIXES = ("net.", "model.", "module.")
 
 
+def _sniff(path: Path) -> str:
+    """What the file holds, from its first bytes: "torch" (a zip archive, as ``torch.save`` writes,
+    or a legacy pickle), "safetensors", "empty" or "unknown". The name's suffix is not trusted."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "empty"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):  # zip; pickle protocol >= 2
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return "safetensors"
+    return "unknown"
+
+
+def _not_a_checkpoint(path: Path) -> ValueError:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return ValueError(
+        f"cannot read checkpoint {path}: not a checkpoint file (neither a torch zip/pickle of tensors "
+        f"nor safetensors; it starts with {head!r})"
+    )
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the tensors of a checkpoint file, stripping the official ``net.`` prefix.
 
+    The format comes from the file's first bytes (a torch zip or pickle, or safetensors), so a
+    ``.pt`` file holding safetensors loads too; the suffix decides only for unrecognised content.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a truncated or corrupt file, an object that is not a state dict, or a pickle
-            that needs code beyond plain containers and tensors (refused, never executed).
+        ValueError: an empty, truncated or corrupt file, a file that is not a checkpoint at all
+            (text, say), an object that is not a state dict, or a pickle that needs code beyond
+            plain containers and tensors (refused, never executed). The message names the path.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    try:
+        kind = _sniff(path)
+    except OSError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    if kind == "empty":
+        if path.suffix == ".safetensors":
+            raise ValueError(f"cannot read safetensors checkpoint {path}: the file is empty")
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file?): the file is empty")
+    if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as e:
@@ -45,15 +81,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         try:
             # Lightning stores hyper-parameters as argparse.Namespace: plain data, safe to allow.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+            # (From an open file: torch.load would hand a ``.safetensors`` name to safetensors.)
+            with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (the unpickler raises anything on garbage)
+            if kind == "unknown":  # not a torch file to begin with (text, say)
+                raise _not_a_checkpoint(path) from e
+            if isinstance(e, pickle.UnpicklingError):
+                raise ValueError(
+                    f"refusing to load {path}: it holds objects other than tensors and plain "
+                    f"containers (loading it would run code from the file). Details: {e}"
+                ) from e
             raise ValueError(
-                f"refusing to load {path}: it holds objects other than tensors and plain containers "
-                f"(loading it would run code from the file). Details: {e}"
+                f"cannot read checkpoint {path} (truncated or not a torch file?): {type(e).__name__}: {e}"
             ) from e
-        except (RuntimeError, EOFError, OSError) as e:
-            raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file?): {e}") from e
         if isinstance(obj, dict) and "state_dict" in obj:
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -111,7 +152,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> MoCEIRConfig:
 
 def _stored_config(path: Path) -> dict:
     """Configuration fields saved by ``save_checkpoint`` in the safetensors metadata, if any."""
-    if path.suffix != ".safetensors":
+    if _sniff(path) != "safetensors":
         return {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -49,17 +49,13 @@ class MoCEIR(nn.Module):
 
     def __init__(self, config: MoCEIRConfig | None = None, backend: str = "auto", check_inputs: bool = True):
         super().__init__()
-        cfg = config or MoCEIRConfig()
+        cfg = MoCEIRConfig() if config is None else config
+        if not isinstance(cfg, MoCEIRConfig):
+            raise TypeError(f"config must be a MoCEIRConfig, got {type(cfg).__name__}")
+        # The configuration checked its fields and their constraints (MoCEIRConfig.__post_init__).
         self.config = cfg
         self.check_inputs = check_inputs
         levels = len(cfg.num_blocks)
-        if len(cfg.heads) != levels or len(cfg.num_dec_blocks) != levels - 1:
-            raise ValueError(
-                f"heads must have {levels} entries and num_dec_blocks {levels - 1} (one per level), "
-                f"got {cfg.heads} and {cfg.num_dec_blocks}"
-            )
-        if len(cfg.expert_patch_sizes()) != cfg.num_experts:
-            raise ValueError(f"patch_sizes must have num_experts = {cfg.num_experts} entries")
         dims = [cfg.dim * 2**i for i in range(levels)]
 
         # Registration order reproduces the official state-dict order.
@@ -132,17 +128,48 @@ class MoCEIR(nn.Module):
         """The experts chosen by the last forward: one [B, k] int64 tensor per adapter."""
         return [a.last_plan.experts for a in self.adapters() if a.last_plan is not None]
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"x must have {self.config.in_channels} channels ([B, C, H, W]), got shape {tuple(x.shape)}"
+            )
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(
+                f"x must have height and width >= 1 (H, W of [B, C, H, W]), got shape {tuple(x.shape)}"
+            )
+        weight = self.patch_embed.proj.weight
+        if x.device != weight.device:
+            raise ValueError(
+                f"x is on {x.device} but the model is on {weight.device}: "
+                f"move it with x.to({str(weight.device)!r})"
+            )
+        # Under autocast the layers cast their inputs themselves.
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast the input "
+                f"with x.to({weight.dtype}) (or the model with model.to({x.dtype}))"
+            )
+        check_finite("x", x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Restore ``x`` ([B, 3, H, W], float, any H x W); returns the same shape and dtype."""
+        """Restore ``x`` ([B, 3, H, W], float, any H x W >= 1 x 1, in the model's dtype and on its
+        device); returns the same shape and dtype. An empty batch (B = 0) gives an empty output.
+
+        Raises (when ``check_inputs``, the default) TypeError / ValueError naming ``x``: not a
+        tensor, not 4-D, another channel count, an empty height or width, another device or dtype
+        than the model's (outside autocast), NaN/Inf.
+        """
         if self.check_inputs:
-            check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
-            if x.shape[1] != self.config.in_channels:
-                raise ValueError(
-                    f"x must have {self.config.in_channels} channels ([B, C, H, W]), "
-                    f"got shape {tuple(x.shape)}"
-                )
-            check_finite("x", x)
+            self._check_input(x)
         height, width = x.shape[-2:]
+        if x.shape[0] == 0:
+            # Nothing to restore; the trunk cannot run it as is (torch's pixel_(un)shuffle return
+            # an empty batch unshuffled). out_channels == in_channels: x has the output's shape.
+            for adapter in self.adapters():
+                adapter.last_plan, adapter.loss = None, x.new_zeros((), dtype=torch.float32)
+            self.total_loss = x.new_zeros((), dtype=torch.float32)
+            return x.clone()
         inp = pad_to_multiple(x)
         feats = self.patch_embed.proj(inp)
         skips = []

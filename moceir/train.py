@@ -255,6 +255,32 @@ def find_checkpoint(path: Path) -> Path:
     raise CLIError(f"no checkpoint to resume in {path} (expected {latest} or {path}/trainer.safetensors)")
 
 
+def truncate_log(path: Path, step: int) -> int:
+    """Drop the rows of ``log.csv`` past ``step`` (the checkpoint a run resumes from), and a row
+    torn by a kill mid-write. A step's row is written before its checkpoint and checkpoints may
+    be sparser than log rows, so a run killed in between would log those steps again after
+    resuming. Rewrites the file atomically; returns the number of rows dropped."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    if not lines or not lines[0].endswith("\n"):  # no complete header: start the log afresh
+        path.unlink()
+        return max(0, len(lines) - 1)
+    keep = lines[:1]
+    for line in lines[1:]:
+        first = line.split(",", 1)[0]
+        if line.endswith("\n") and first.isdigit() and int(first) <= step:
+            keep.append(line)
+    dropped = len(lines) - len(keep)
+    if dropped:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped
+
+
 def read_training_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(model state, optimizer tensors, metadata) of a checkpoint folder; CLIError if damaged."""
     trainer = ckpt / "trainer.safetensors"
@@ -367,6 +393,8 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.step_count = int(meta["step"])
         self._loader_iter = None
+        if self.dist.main and self.out_dir is not None:
+            truncate_log(self.out_dir / "log.csv", self.step_count)
 
     def save(self) -> Path | None:
         if not self.dist.main or self.out_dir is None:

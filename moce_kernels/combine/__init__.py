@@ -8,6 +8,7 @@ from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels._plan_checks import check_plan
 from moce_kernels.combine.reference import combine_reference
+from moce_kernels.dispatch import check_plan_indices, check_plan_lengths
 from moce_kernels.route.reference import RoutingPlan
 
 __all__ = ["combine", "combine_reference"]
@@ -35,18 +36,27 @@ def combine(
         and ``gates``.
 
     Raises:
-        TypeError / ValueError: wrong type, dtype, device, or a row count other than B * k.
+        TypeError / ValueError: wrong type, dtype, device, or a row count other than B * k; a
+        corrupted plan: ``inverse`` / ``sorted_slots`` of a length other than B * k or
+        ``plan.gates`` of a shape other than [B, k] (always checked), or indices out of range
+        (checked on CPU tensors and by the reference backend; on a GPU the fast backends trust
+        a plan from :func:`~moce_kernels.route`, as checking would read it on the host).
     """
     check_tensor("y", y, dtypes=FLOAT_DTYPES)
     plan = check_plan(plan, y.device)
-    if y.dim() < 1 or y.shape[0] != plan.batch_size * plan.k:
-        raise ValueError(
-            f"y must have B * k = {plan.batch_size * plan.k} rows (the plan's), got shape {tuple(y.shape)}"
-        )
+    slots = plan.batch_size * plan.k
+    if y.dim() < 1 or y.shape[0] != slots:
+        raise ValueError(f"y must have B * k = {slots} rows (the plan's), got shape {tuple(y.shape)}")
     if gates is not None:
         check_tensor("gates", gates, ndim=2, dtypes=FLOAT_DTYPES, device=y.device)
         check_shape("gates", gates, (plan.batch_size, plan.k))
+    else:
+        check_shape("plan.gates", plan.gates, (plan.batch_size, plan.k))
+    fields = [("inverse", slots), ("sorted_slots", slots)]
+    check_plan_lengths(plan, [name for name, _ in fields])
     chosen = resolve_backend("combine", backend, y.device)
+    if chosen == "reference" or y.device.type == "cpu":
+        check_plan_indices(plan, fields)
     if chosen == "reference":
         return combine_reference(y, plan, gates)
     return implementation("combine", chosen)(y, plan, gates)

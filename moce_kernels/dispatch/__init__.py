@@ -13,6 +13,33 @@ from moce_kernels.route.reference import RoutingPlan
 __all__ = ["dispatch", "dispatch_reference"]
 
 
+# (Shared with combine; they would sit well in moce_kernels/_plan_checks.py.)
+def check_plan_lengths(plan: RoutingPlan, names: list[str]) -> None:
+    """Each named index field of the plan must be [B * k] (shapes only: no host read)."""
+    slots = plan.batch_size * plan.k
+    for name in names:
+        t = getattr(plan, name)
+        if tuple(t.shape) != (slots,):
+            raise ValueError(
+                f"plan.{name} must have shape (B * k,) = ({slots},) (B = {plan.batch_size}, "
+                f"k = {plan.k}: plan.experts' shape), got {tuple(t.shape)}: a corrupted plan?"
+            )
+
+
+def check_plan_indices(plan: RoutingPlan, fields: list[tuple[str, int]]) -> None:
+    """Each (name, bound): the plan's field holds indices in [0, bound). Reads them on the host:
+    free on the CPU, a synchronisation on a GPU."""
+    for name, bound in fields:
+        t = getattr(plan, name)
+        outside = (t < 0) | (t >= bound)
+        if t.numel() and bool(outside.any()):
+            i = int(outside.nonzero()[0, 0])
+            raise ValueError(
+                f"plan.{name}[{i}] = {int(t[i])} is out of range [0, {bound}): a corrupted plan? "
+                "(make plans with moce_kernels.route)"
+            )
+
+
 def dispatch(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
     """Gather ``x`` into the plan's expert order.
 
@@ -27,13 +54,22 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> to
         gather that sums each image's k rows (deterministic, no atomics).
 
     Raises:
-        TypeError / ValueError: ``x`` not a tensor, a plan for another batch size or device.
+        TypeError / ValueError: ``x`` not a tensor, a plan for another batch size or device, a
+        corrupted plan: ``sorted_images`` / ``inverse`` of a length other than B * k (always
+        checked), or holding indices out of range (checked on CPU tensors and by the reference
+        backend; on a GPU the fast backends trust a plan from :func:`~moce_kernels.route`, as
+        checking would read it on the host).
     """
     check_tensor("x", x)
     plan = check_plan(plan, x.device)
     if x.dim() < 1 or x.shape[0] != plan.batch_size:
         raise ValueError(f"x must have batch size {plan.batch_size} (the plan's), got shape {tuple(x.shape)}")
+    slots = plan.batch_size * plan.k
+    fields = [("sorted_images", plan.batch_size), ("inverse", slots)]
+    check_plan_lengths(plan, [name for name, _ in fields])
     chosen = resolve_backend("dispatch", backend, x.device)
+    if chosen == "reference" or x.device.type == "cpu":
+        check_plan_indices(plan, fields)
     if chosen == "reference":
         return dispatch_reference(x, plan)
     return implementation("dispatch", chosen)(x, plan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from moce_kernels._backend import implementation, resolve_backend
@@ -33,7 +35,7 @@ def layernorm2d(
         [B, C, H, W] in ``x``'s dtype. NaN/Inf in a pixel's channels propagate to that pixel.
 
     Raises:
-        TypeError / ValueError: wrong type, rank, dtype, device or shape, eps <= 0.
+        TypeError / ValueError: wrong type, rank, dtype, device or shape, eps not a number or <= 0.
         RuntimeError: a compiled backend that is not built or not usable here (says how to fix).
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
@@ -42,6 +44,9 @@ def layernorm2d(
     check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
     check_shape("weight", weight, (channels,))
     check_shape("bias", bias, (channels,))
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float > 0, got {type(eps).__name__} ({eps!r})")
+    eps = float(eps)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     chosen = resolve_backend("layernorm2d", backend, x.device)

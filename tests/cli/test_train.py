@@ -105,8 +105,26 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(
         "step_00000002",
     ]  # no debris
     read_training_checkpoint(ckpts / "step_00000002")  # intact
+    assert log_steps(out) == [1, 2, 3]  # step 3 was logged, its checkpoint was not published
     assert main(train_args(official_data, out, "--resume")) == 0
     assert_same(weights(out / "model.safetensors"), weights(uninterrupted / "model.safetensors"))
+    assert log_steps(out) == [1, 2, 3, 4]  # the resume dropped the row past step 2: no repeat
+
+
+def log_steps(out: Path) -> list[int]:
+    return [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+
+
+def test_resume_drops_log_rows_past_the_checkpoint_and_a_torn_row(tmp_path):
+    log = tmp_path / "log.csv"
+    head = "step,epoch,lr,loss\n"
+    log.write_text(head + "1,0.1,1,2\n2,0.2,1,2\n3,0.3,1,2\n4,0.4")  # killed mid-row
+    assert train_mod.truncate_log(log, 2) == 2
+    assert log.read_text() == head + "1,0.1,1,2\n2,0.2,1,2\n"
+    assert train_mod.truncate_log(log, 2) == 0 and train_mod.truncate_log(tmp_path / "none.csv", 2) == 0
+    log.write_text("step,ep")  # killed while writing the header
+    train_mod.truncate_log(log, 0)
+    assert not log.exists() and [p.name for p in tmp_path.iterdir()] == []  # no temporary file left
 
 
 def test_resume_refuses_a_changed_recipe_or_data(official_data, tmp_path, capsys):

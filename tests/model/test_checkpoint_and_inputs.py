@@ -140,3 +140,31 @@ def test_load_checkpoint_rejects_a_foreign_state_dict(tmp_path):
         moceir.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(TypeError, match="nn.Module"):
         moceir.load_checkpoint("not a model", tmp_path / "other.pt")
+
+
+def test_the_format_comes_from_the_content_not_the_suffix(tmp_path):
+    small = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)
+    model = moceir.build_model("moce_ir_s", dim=8, top_k=2, **small)
+    # safetensors named .pt: loads, with the configuration saved in its metadata
+    loaded = moceir.load_checkpoint(moceir.save_checkpoint(model, tmp_path / "weights.pt"))
+    assert loaded.config == model.config
+    # a torch file named .safetensors (torch.load alone would hand it to safetensors)
+    torch.save(model.state_dict(), tmp_path / "torch.safetensors")
+    loaded = moceir.load_checkpoint(tmp_path / "torch.safetensors")
+    assert loaded.config.dim == 8
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_a_configuration_is_normalised_and_checked():
+    cfg = moceir.MoCEIRConfig(dim=8, num_blocks=[1, 1, 1, 1], num_dec_blocks=[1, 1, 1], ffn_expansion=2)
+    assert cfg.num_blocks == (1, 1, 1, 1) and cfg.num_dec_blocks == (1, 1, 1)
+    assert isinstance(cfg.ffn_expansion, float)
+    assert cfg == moceir.MoCEIRConfig(dim=8, num_blocks=(1, 1, 1, 1), num_dec_blocks=(1, 1, 1))
+    # the smallest valid widths: even, >= 2**(num_experts - 1), divisible by the heads
+    for dim, num_experts in [(8, 4), (10, 4), (2, 2), (2, 1)]:
+        moceir.MoCEIRConfig(dim=dim, num_experts=num_experts, patch_sizes=(4,) * num_experts)
+    with pytest.raises(ValueError, match=r"^heads\[3\] = 32 must be >= 1 and divide .* = 16 \(dim = 2\)$"):
+        moceir.MoCEIRConfig(dim=2, num_experts=2, heads=(1, 2, 4, 32))
+    with pytest.raises(ValueError, match=r"^dim must be >= 2\*\*\(num_experts - 1\) = 4 "):
+        moceir.MoCEIRConfig(dim=2, num_experts=3, heads=(1, 1, 1, 1))

@@ -120,3 +120,7 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_weights(dat
     _, resumed, _ = read_training_checkpoint(out / "checkpoints" / f"step_{STEPS:08d}")
     _, uninterrupted, _ = read_training_checkpoint(full / "checkpoints" / f"step_{STEPS:08d}")
     assert_same(resumed, uninterrupted)  # AdamW moments and step counts too
+    # A kill between a step's log row and its checkpoint logged that step twice before the
+    # resume dropped rows past the checkpoint (and a row torn by the kill).
+    log = (out / "log.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in log[1:]] == list(range(1, STEPS + 1)), kills
