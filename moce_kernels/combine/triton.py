@@ -18,10 +18,14 @@ would sync) are never dereferenced: what depends on them comes out NaN.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from moce_kernels import _library
+from moce_kernels.combine import _autograd
 from moce_kernels.dispatch.triton import as_rows, check_plan_index, from_rows
 from moce_kernels.route.reference import RoutingPlan
 
@@ -154,7 +158,11 @@ def combine_bwd(
     need_y: bool,
     need_gates: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_y [S, F] or [0], grad_gates [B, K] or [0]) from contiguous tensors; [0] when not needed."""
+    """(grad_y [S, F] or [0], grad_gates [B, K] or [0]); [0] when not needed. Inputs that are not
+    contiguous are copied first."""
+    grad_out, y, gates, inverse, sorted_slots = (
+        t.contiguous() for t in (grad_out, y, gates, inverse, sorted_slots)
+    )
     slots, features = y.shape
     batch, k = gates.shape
     dev = y.device
@@ -208,73 +216,34 @@ def combine_bwd(
 
 
 # --- torch.library registration --------------------------------------------------------------
-# custom_op + register_fake rather than triton_op: under the Triton interpreter (CPU CI) only
-# this pair passes opcheck and torch.compile (triton_op's fake path launches the kernel).
+# custom_op + register_fake rather than triton_op: see moce_kernels/_library.py.
 
 
-@torch.library.custom_op("moce_triton::combine_fwd", mutates_args=())
-def _combine_fwd_op(
+def _combine_fwd_impl(
     y: torch.Tensor, gates: torch.Tensor, inverse: torch.Tensor, sorted_slots: torch.Tensor
 ) -> torch.Tensor:
     return combine_fwd(y.contiguous(), gates.contiguous(), inverse.contiguous())
 
 
-@_combine_fwd_op.register_fake
-def _(y, gates, inverse, sorted_slots):
+def _combine_fwd_fake(y, gates, inverse, sorted_slots):
     return y.new_empty(gates.shape[0], y.shape[1])
 
 
-@torch.library.custom_op("moce_triton::combine_bwd", mutates_args=())
-def _combine_bwd_op(
-    grad_out: torch.Tensor,
-    y: torch.Tensor,
-    gates: torch.Tensor,
-    inverse: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    need_y: bool,
-    need_gates: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return combine_bwd(
-        grad_out.contiguous(),
-        y.contiguous(),
-        gates.contiguous(),
-        inverse.contiguous(),
-        sorted_slots.contiguous(),
-        need_y,
-        need_gates,
-    )
-
-
-@_combine_bwd_op.register_fake
-def _(grad_out, y, gates, inverse, sorted_slots, need_y, need_gates):
+def _combine_bwd_fake(grad_out, y, gates, inverse, sorted_slots, need_y, need_gates):
     grad_y = y.new_empty(y.shape if need_y else (0,))
     grad_gates = gates.new_empty(gates.shape if need_gates else (0,))
     return grad_y, grad_gates
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    y, gates, inverse, sorted_slots = inputs
-    ctx.save_for_backward(y, gates, inverse, sorted_slots)
-
-
-def _backward(ctx, grad_out):
-    y, gates, inverse, sorted_slots = ctx.saved_tensors
-    need_y, need_gates, _, _ = ctx.needs_input_grad
-    grad_y, grad_gates = torch.ops.moce_triton.combine_bwd(
-        grad_out, y, gates, inverse, sorted_slots, need_y, need_gates
-    )
-    return (grad_y if need_y else None), (grad_gates if need_gates else None), None, None
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce_triton::combine: double backward (differentiating the gradient) is not supported by "
-        "the Triton kernels; use backend='reference'"
-    )
-
-
-_combine_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_combine_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_combine_fwd_op = _library.define_triton(
+    "combine",
+    _combine_fwd_impl,
+    combine_bwd,
+    _combine_fwd_fake,
+    _combine_bwd_fake,
+    _autograd,
+    make_backward=functools.partial(_autograd.make_backward, takes_needs=True),
+)
 
 
 def combine_triton(y: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None = None) -> torch.Tensor:

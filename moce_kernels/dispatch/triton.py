@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moce_kernels import _library
+from moce_kernels.dispatch import _autograd
 from moce_kernels.route.reference import RoutingPlan
 
 #: dtypes the kernels load natively; any other dtype is copied as raw bytes.
@@ -143,50 +145,28 @@ def dispatch_bwd(grad_out: torch.Tensor, inverse: torch.Tensor, batch: int) -> t
 
 
 # --- torch.library registration --------------------------------------------------------------
-# custom_op + register_fake rather than triton_op: under the Triton interpreter (CPU CI) only
-# this pair passes opcheck and torch.compile (triton_op's fake path launches the kernel).
+# custom_op + register_fake rather than triton_op: see moce_kernels/_library.py.
 
 
-@torch.library.custom_op("moce_triton::dispatch_fwd", mutates_args=())
-def _dispatch_fwd_op(x: torch.Tensor, sorted_images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def _dispatch_fwd_impl(x: torch.Tensor, sorted_images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return dispatch_fwd(x.contiguous(), sorted_images.contiguous())
 
 
-@_dispatch_fwd_op.register_fake
-def _(x, sorted_images, inverse):
+def _dispatch_fwd_fake(x, sorted_images, inverse):
     return x.new_empty(sorted_images.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("moce_triton::dispatch_bwd", mutates_args=())
-def _dispatch_bwd_op(grad_out: torch.Tensor, inverse: torch.Tensor, batch: int) -> torch.Tensor:
+def _dispatch_bwd_impl(grad_out: torch.Tensor, inverse: torch.Tensor, batch: int) -> torch.Tensor:
     return dispatch_bwd(grad_out.contiguous(), inverse.contiguous(), batch)
 
 
-@_dispatch_bwd_op.register_fake
-def _(grad_out, inverse, batch):
+def _dispatch_bwd_fake(grad_out, inverse, batch):
     return grad_out.new_empty(batch, grad_out.shape[1])
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, _sorted_images, inverse = inputs
-    ctx.save_for_backward(inverse)
-    ctx.batch = x.shape[0]
-
-
-def _backward(ctx, grad_out):
-    (inverse,) = ctx.saved_tensors
-    return torch.ops.moce_triton.dispatch_bwd(grad_out, inverse, ctx.batch), None, None
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce_triton::dispatch: double backward (differentiating the gradient) is not supported by "
-        "the Triton kernels; use backend='reference'"
-    )
-
-
-_dispatch_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_dispatch_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_dispatch_fwd_op = _library.define_triton(
+    "dispatch", _dispatch_fwd_impl, _dispatch_bwd_impl, _dispatch_fwd_fake, _dispatch_bwd_fake, _autograd
+)
 
 
 # --- public entry -----------------------------------------------------------------------------

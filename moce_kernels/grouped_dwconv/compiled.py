@@ -2,7 +2,7 @@
 
 The ops and their CPU and CUDA kernels live in ``csrc/`` (``moce_kernels._C``); this module adds
 what torch needs around them: fake (meta) implementations for torch.compile and the autograd
-formula, registered once per process.
+formula (``_autograd.py``, shared with the Triton op), registered once per process.
 
 The offsets stay a device tensor: the CUDA kernels find each row's expert on the device (no
 host synchronisation); the CPU kernels check the offsets' values. Channels and kernel sizes are
@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from moce_kernels import _extension
+from moce_kernels import _extension, _library
+from moce_kernels.grouped_dwconv import _autograd
 
-_C = _extension.require("cpu")  # raises RuntimeError (saying how to build it) when not built
+_extension.require("cpu")  # raises RuntimeError (saying how to build it) when not built
 
 
 def _fwd_fake(x, weight, bias, offsets, channels, kernel_sizes):
@@ -30,51 +31,7 @@ def _bwd_fake(grad_y, x, weight, offsets, channels, kernel_sizes):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_bias
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, offsets, channels, kernel_sizes = inputs
-    ctx.save_for_backward(x, weight, offsets)
-    ctx.channels = list(channels)
-    ctx.kernel_sizes = list(kernel_sizes)
-
-
-def _backward(ctx, grad_y):
-    x, weight, offsets = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.moce.grouped_dwconv_bwd(
-        grad_y.contiguous(), x, weight, offsets, ctx.channels, ctx.kernel_sizes
-    )
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    return (
-        grad_x if need_x else None,
-        grad_weight if need_weight else None,
-        grad_bias if need_bias else None,
-        None,
-        None,
-        None,
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce::grouped_dwconv: double backward (differentiating the gradient) is not supported by the "
-        "compiled kernels; use backend='reference'"
-    )
-
-
-def _register() -> None:
-    # The flag lives on the extension module, which is never re-imported, so reloading this file
-    # does not register twice.
-    if getattr(_C, "_grouped_dwconv_registered", False):
-        return
-    torch.library.register_fake("moce::grouped_dwconv_fwd", _fwd_fake)
-    torch.library.register_fake("moce::grouped_dwconv_bwd", _bwd_fake)
-    torch.library.register_autograd("moce::grouped_dwconv_fwd", _backward, setup_context=_setup_context)
-    torch.library.register_autograd(
-        "moce::grouped_dwconv_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
-    _C._grouped_dwconv_registered = True
-
-
-_register()
+_library.register_compiled("grouped_dwconv", _fwd_fake, _bwd_fake, _autograd)
 
 
 def grouped_dwconv_compiled(

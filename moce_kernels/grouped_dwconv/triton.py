@@ -37,6 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moce_kernels import _library
+from moce_kernels.grouped_dwconv import _autograd
+
 #: The kernel sizes the kernels specialise for; bit i of KERNEL_SET stands for size 3 + 2 * i.
 KERNEL_SIZES = (3, 5, 7, 9)
 #: Largest spatial tile: 16 rows of 64 contiguous pixels (256 bytes per row in float32).
@@ -465,49 +468,14 @@ def _grouped_dwconv_bwd_fake(grad_y, x, weight, offsets, channels, kernel_sizes)
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, offsets, channels, kernel_sizes = inputs
-    ctx.save_for_backward(x, weight, offsets)
-    ctx.channels, ctx.kernel_sizes = channels, kernel_sizes
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward(ctx, grad_y):
-    x, weight, offsets = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.moce_triton.grouped_dwconv_bwd(
-        grad_y.contiguous(), x, weight, offsets, ctx.channels, ctx.kernel_sizes
-    )
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    return (
-        grad_x if need_x else None,
-        grad_weight if need_weight else None,
-        grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None,
-        None,
-        None,
-        None,
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce_triton::grouped_dwconv: double backward (differentiating the gradient) is not "
-        "supported by the Triton kernels; use backend='reference'"
-    )
-
-
-def _register() -> None:
-    # Defined once per process: a reload of this module finds the ops already there.
-    if hasattr(torch.ops.moce_triton, "grouped_dwconv_fwd"):
-        return
-    fwd = torch.library.custom_op("moce_triton::grouped_dwconv_fwd", mutates_args=())(grouped_dwconv_fwd)
-    bwd = torch.library.custom_op("moce_triton::grouped_dwconv_bwd", mutates_args=())(grouped_dwconv_bwd)
-    fwd.register_fake(_grouped_dwconv_fwd_fake)
-    bwd.register_fake(_grouped_dwconv_bwd_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-_register()
+_library.define_triton(
+    "grouped_dwconv",
+    grouped_dwconv_fwd,
+    grouped_dwconv_bwd,
+    _grouped_dwconv_fwd_fake,
+    _grouped_dwconv_bwd_fake,
+    _autograd,
+)
 
 
 def grouped_dwconv_triton(

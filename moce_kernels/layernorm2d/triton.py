@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moce_kernels import _library
+from moce_kernels.layernorm2d import _autograd
+
 #: Widest C whose [C, BLOCK_P] tile is held in registers (x read once); wider C loops over chunks.
 _SINGLE_TILE_MAX_C = 512
 #: Channels per chunk when C is wider than ``_SINGLE_TILE_MAX_C``.
@@ -338,49 +341,9 @@ def _layernorm2d_bwd_fake(
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.moce_triton.layernorm2d_bwd(
-        grad_y.contiguous(), x, weight, mean, rstd
-    )
-    need_x, need_weight, need_bias, _ = ctx.needs_input_grad
-    return (
-        grad_x if need_x else None,
-        grad_weight if need_weight else None,
-        grad_bias.to(ctx.bias_dtype) if need_bias else None,
-        None,
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce_triton::layernorm2d: double backward (differentiating the gradient) is not supported "
-        "by the Triton kernels; use backend='reference'"
-    )
-
-
-def _register() -> None:
-    # Defined once per process: a reload of this module (or an import under another name) finds
-    # the ops already there and reuses them.
-    if hasattr(torch.ops.moce_triton, "layernorm2d_fwd"):
-        return
-    fwd = torch.library.custom_op("moce_triton::layernorm2d_fwd", mutates_args=())(layernorm2d_fwd)
-    bwd = torch.library.custom_op("moce_triton::layernorm2d_bwd", mutates_args=())(layernorm2d_bwd)
-    fwd.register_fake(_layernorm2d_fwd_fake)
-    bwd.register_fake(_layernorm2d_bwd_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-_register()
+_library.define_triton(
+    "layernorm2d", layernorm2d_fwd, layernorm2d_bwd, _layernorm2d_fwd_fake, _layernorm2d_bwd_fake, _autograd
+)
 
 
 def layernorm2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

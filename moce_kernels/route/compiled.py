@@ -2,8 +2,9 @@
 
 The ops and their CPU and CUDA kernels live in ``csrc/`` (``moce_kernels._C``); this module adds
 what torch needs around them: fake (meta) implementations for torch.compile and the autograd
-formula, registered once per process. The CUDA op builds the whole plan on the device (three
-launches, no host synchronisation) for up to 256 experts.
+formula (``_autograd.py``, shared with the Triton op), registered once per process. The CUDA op
+builds the whole plan on the device (three launches, no host synchronisation) for up to 256
+experts.
 
 Top-k tie rule: among equal probabilities the LOWER expert index comes first; NaN ranks before
 every number (as in torch.topk), so NaN logits (only reachable with ``check_values=False``)
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from moce_kernels import _extension
+from moce_kernels import _extension, _library
+from moce_kernels.route import _autograd
 from moce_kernels.route.reference import RoutingPlan
 
-_C = _extension.require("cpu")  # raises RuntimeError (saying how to build it) when not built
+_extension.require("cpu")  # raises RuntimeError (saying how to build it) when not built
 
 
 def _fwd_fake(logits, noise, k):
@@ -47,54 +49,7 @@ def _bwd_fake(noisy, probs, experts, grad_gates, grad_probs, grad_noisy):
     return noisy.new_empty(noisy.shape), noisy.new_empty(noisy.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    logits, noise, _k = inputs
-    _gates, experts, probs, noisy, *plan = output
-    ctx.save_for_backward(noisy, probs, experts)
-    ctx.logits_dtype = logits.dtype
-    ctx.noise_dtype = None if noise is None else noise.dtype
-    ctx.mark_non_differentiable(experts, *plan)
-    # Unused outputs arrive as None, so their terms are skipped in the kernel.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_gates, _grad_experts, grad_probs, grad_noisy, *_plan_grads):
-    noisy, probs, experts = ctx.saved_tensors
-    need_logits, need_noise, _ = ctx.needs_input_grad
-    if grad_gates is None and grad_probs is None and grad_noisy is None:
-        return None, None, None
-    grad_wrt_noisy, grad_wrt_logits = torch.ops.moce.route_bwd(
-        noisy, probs, experts, grad_gates, grad_probs, grad_noisy
-    )
-    return (
-        grad_wrt_logits.to(ctx.logits_dtype) if need_logits else None,
-        grad_wrt_noisy.to(ctx.noise_dtype) if need_noise else None,
-        None,
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce::route: double backward (differentiating the gradient) is not supported by the "
-        "compiled kernels; use backend='reference'"
-    )
-
-
-def _register() -> None:
-    # The flag lives on the extension module, which is never re-imported, so reloading this file
-    # does not register twice.
-    if getattr(_C, "_route_registered", False):
-        return
-    torch.library.register_fake("moce::route_fwd", _fwd_fake)
-    torch.library.register_fake("moce::route_bwd", _bwd_fake)
-    torch.library.register_autograd("moce::route_fwd", _backward, setup_context=_setup_context)
-    torch.library.register_autograd(
-        "moce::route_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
-    _C._route_registered = True
-
-
-_register()
+_library.register_compiled("route", _fwd_fake, _bwd_fake, _autograd)
 
 
 def route_compiled(logits: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> RoutingPlan:

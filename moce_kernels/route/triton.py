@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moce_kernels import _library
+from moce_kernels.route import _autograd
 from moce_kernels.route.reference import RoutingPlan
 
 #: The plan is built by one program: above this many images use backend="reference".
@@ -258,7 +260,11 @@ def route_bwd(
     grad_probs: torch.Tensor | None,
     grad_noisy: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d loss / d noisy logits, d loss / d logits), both [B, E] float32."""
+    """(d loss / d noisy logits, d loss / d logits), both [B, E] float32; the gradients are copied
+    to contiguous first when they are not."""
+    grad_gates, grad_probs, grad_noisy = (
+        None if t is None else t.contiguous() for t in (grad_gates, grad_probs, grad_noisy)
+    )
     batch, num_experts = noisy.shape
     grad_wrt_noisy = torch.empty_like(noisy)
     grad_wrt_logits = torch.empty_like(noisy)
@@ -288,12 +294,10 @@ def route_bwd(
 
 
 # --- torch.library registration --------------------------------------------------------------
-# custom_op + register_fake rather than triton_op: under the Triton interpreter (CPU CI) only
-# this pair passes opcheck and torch.compile (triton_op's fake path launches the kernel).
+# custom_op + register_fake rather than triton_op: see moce_kernels/_library.py.
 
 
-@torch.library.custom_op("moce_triton::route_fwd", mutates_args=())
-def _route_fwd_op(
+def _route_fwd_impl(
     logits: torch.Tensor, noise: torch.Tensor | None, k: int
 ) -> tuple[
     torch.Tensor,
@@ -309,8 +313,7 @@ def _route_fwd_op(
     return route_fwd(logits.contiguous(), None if noise is None else noise.contiguous(), k)
 
 
-@_route_fwd_op.register_fake
-def _(logits, noise, k):
+def _route_fwd_fake(logits, noise, k):
     batch, num_experts = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     i64 = dict(dtype=torch.int64, device=logits.device)
@@ -327,61 +330,13 @@ def _(logits, noise, k):
     )
 
 
-@torch.library.custom_op("moce_triton::route_bwd", mutates_args=())
-def _route_bwd_op(
-    noisy: torch.Tensor,
-    probs: torch.Tensor,
-    experts: torch.Tensor,
-    grad_gates: torch.Tensor | None,
-    grad_probs: torch.Tensor | None,
-    grad_noisy: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    def cont(t):
-        return None if t is None else t.contiguous()
-
-    return route_bwd(noisy, probs, experts, cont(grad_gates), cont(grad_probs), cont(grad_noisy))
-
-
-@_route_bwd_op.register_fake
-def _(noisy, probs, experts, grad_gates, grad_probs, grad_noisy):
+def _route_bwd_fake(noisy, probs, experts, grad_gates, grad_probs, grad_noisy):
     return torch.empty_like(noisy), torch.empty_like(noisy)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    logits, noise, _k = inputs
-    _gates, experts, probs, noisy, *plan = output
-    ctx.save_for_backward(noisy, probs, experts)
-    ctx.logits_dtype = logits.dtype
-    ctx.noise_dtype = None if noise is None else noise.dtype
-    ctx.mark_non_differentiable(experts, *plan)
-    # Unused outputs arrive as None, so their terms are skipped in the kernel.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_gates, _g_experts, grad_probs, grad_noisy, *_plan_grads):
-    noisy, probs, experts = ctx.saved_tensors
-    need_logits, need_noise, _ = ctx.needs_input_grad
-    if grad_gates is None and grad_probs is None and grad_noisy is None:
-        return None, None, None
-    grad_wrt_noisy, grad_wrt_logits = torch.ops.moce_triton.route_bwd(
-        noisy, probs, experts, grad_gates, grad_probs, grad_noisy
-    )
-    return (
-        grad_wrt_logits.to(ctx.logits_dtype) if need_logits else None,
-        grad_wrt_noisy.to(ctx.noise_dtype) if need_noise else None,
-        None,
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "moce_triton::route: double backward (differentiating the gradient) is not supported by the "
-        "Triton kernels; use backend='reference'"
-    )
-
-
-_route_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_route_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_route_fwd_op = _library.define_triton(
+    "route", _route_fwd_impl, route_bwd, _route_fwd_fake, _route_bwd_fake, _autograd
+)
 
 
 def route_triton(logits: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> RoutingPlan:

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from moce_kernels import combine, route
+from tests.ops._helpers import PATTERNS, routed_images
 
 #: (E, k) for E in {1, 4, 5} and k = 1..E.
 EK_CASES = [pytest.param(e, k, id=f"E{e}-k{k}") for e in (1, 4, 5) for k in range(1, e + 1)]
-PATTERNS = [pytest.param(p, id=p) for p in ("random", "one_expert", "some_empty")]
 
 
 def combine_loop(
@@ -204,22 +203,8 @@ def test_bad_input_raises(make_routing, overrides, error, match):
 # --- property --------------------------------------------------------------------------------
 
 
-@st.composite
-def _combine_case(draw):
-    num_experts = draw(st.integers(1, 6))
-    return dict(
-        batch=draw(st.integers(1, 6)),
-        num_experts=num_experts,
-        k=draw(st.integers(1, num_experts)),
-        pattern=draw(st.sampled_from(["random", "one_expert", "some_empty"])),
-        height=draw(st.integers(1, 9)),
-        width=draw(st.integers(1, 9)),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
-
 @settings(max_examples=25, deadline=None)
-@given(case=_combine_case())
+@given(case=routed_images())
 def test_property_combine_matches_loop(make_routing, expert_order, case):
     batch, k = case["batch"], case["k"]
     _, plan = make_routing(batch, case["num_experts"], k, case["pattern"], seed=case["seed"])

@@ -15,40 +15,13 @@ import math
 import pytest
 import torch
 
-from moce_kernels import _extension, combine, route
+from moce_kernels import combine, route
 from moce_kernels.combine.reference import combine_reference
-from tests.conftest import make_routing_impl
+from tests.ops._helpers import DEVICES, FEATURES, NEEDS_CUDA, ROUTINGS, plan_on, skip_unless_extension_built
 
-if not _extension.is_built("cpu"):
-    pytest.skip(f"{_extension.build_summary()}; {_extension.BUILD_HINT}", allow_module_level=True)
+skip_unless_extension_built()
 
 from moce_kernels.combine import compiled  # noqa: E402  (needs the extension)
-
-NEEDS_CUDA = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _extension.is_built("cuda"),
-        reason="moce_kernels._C was built without the CUDA kernels",
-    ),
-]
-
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NEEDS_CUDA)]
-
-#: (B, E, k, pattern): k = 1..E, empty experts, every image on one expert, B = 1.
-ROUTINGS = [
-    pytest.param(1, 4, 1, "random", id="B1-E4-k1"),
-    pytest.param(5, 4, 2, "random", id="B5-E4-k2"),
-    pytest.param(5, 5, 5, "random", id="B5-E5-k5"),
-    pytest.param(6, 4, 1, "one_expert", id="B6-E4-k1-one-expert"),
-    pytest.param(7, 5, 3, "some_empty", id="B7-E5-k3-some-empty"),
-]
-
-FEATURES = [
-    pytest.param((3, 13, 21), id="3x13x21"),
-    pytest.param((2, 2, 2), id="2x2x2-vec"),
-    pytest.param((), id="1d"),
-]
 
 DTYPES = [
     pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
@@ -57,26 +30,6 @@ DTYPES = [
     pytest.param(torch.bfloat16, 1.6e-2, 8e-3, id="bf16"),
     pytest.param(torch.float16, 2e-3, 1e-3, id="fp16"),
 ]
-
-
-@pytest.fixture
-def nan_filled_empty():
-    """Every torch.empty (also those the kernels allocate) comes back NaN-filled."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
-def plan_on(batch, num_experts, k, pattern, device, seed=0):
-    _, plan = make_routing_impl(batch, num_experts, k, pattern, seed=seed)
-    return type(plan)(*(t.to(device) for t in plan))
 
 
 def check_against_reference(y, plan, gates, atol, rtol, device):

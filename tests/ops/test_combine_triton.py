@@ -16,24 +16,22 @@ import torch
 
 from moce_kernels import _backend, combine, route
 from moce_kernels.combine.reference import combine_reference
-from moce_kernels.route.reference import RoutingPlan
+from tests.ops._helpers import (
+    EK_CASES,
+    PATTERNS,
+    assert_all_written,
+    assert_compiled_for_sm90,
+    plan_on_device,
+    prefilled_buffers,
+    skip_unless_triton_usable,
+    sm90_labels,
+)
+from tests.ops._helpers import TRITON_DEVICE as DEVICE
 
-if not _backend.triton_usable()[0]:
-    pytest.skip(_backend.triton_usable()[1], allow_module_level=True)
+skip_unless_triton_usable()
 
 from moce_kernels.combine import triton as combine_triton_module  # noqa: E402  (needs triton)
 from moce_kernels.combine.triton import combine_triton  # noqa: E402
-from tests.ops.test_route_triton import (  # noqa: E402
-    assert_all_written,
-    compile_for_sm90,
-    prefilled_buffers,
-)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-#: (E, k) for E in {1, 4, 5, 8} and k = 1..E.
-EK_CASES = [pytest.param(e, k, id=f"E{e}-k{k}") for e in (1, 4, 5, 8) for k in range(1, e + 1)]
-PATTERNS = [pytest.param(p, id=p) for p in ("random", "one_expert", "some_empty")]
 
 #: (y dtype, gates dtype, atol, rtol). Both sides accumulate in float32 (float64) and round
 #: once to the output dtype; the summation order over k may differ (one ulp of bf16 / fp16).
@@ -45,10 +43,6 @@ DTYPES = [
     pytest.param(torch.bfloat16, torch.float32, 2e-2, 1.6e-2, id="bf16-gates-fp32"),
     pytest.param(torch.float32, torch.float64, 1e-5, 1.3e-6, id="fp32-gates-fp64"),
 ]
-
-
-def plan_on_device(plan: RoutingPlan) -> RoutingPlan:
-    return RoutingPlan(*(t.detach().to(DEVICE) for t in plan))
 
 
 def check_against_reference(y, gates, plan, *, atol=1e-5, rtol=1.3e-6, need=("y", "gates")):
@@ -421,16 +415,9 @@ AOT_SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_results():
-    return compile_for_sm90(AOT_SPECS)
-
-
-@pytest.mark.parametrize("label", [pytest.param(spec[0], id=spec[0]) for spec in AOT_SPECS])
+@pytest.mark.parametrize("label", sm90_labels(AOT_SPECS))
 def test_kernels_compile_for_sm90(sm90_results, label):
-    result = sm90_results[label]
-    assert result["ok"], result.get("error")
-    assert "cubin" in result["asm"], "compiled to PTX but not through ptxas"
+    assert_compiled_for_sm90(sm90_results[label])
 
 
 def test_module_exports_the_convention_name():

@@ -13,17 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from moce_kernels import _extension
+from tests.ops._helpers import ROOT, skip_unless_extension_built
 
-if not _extension.is_built("cpu"):
-    pytest.skip(f"{_extension.build_summary()}; {_extension.BUILD_HINT}", allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
+skip_unless_extension_built()
 
 
 def _layernorm2d_fwd(x=None, weight=None, bias=None, eps=1e-5):
@@ -163,7 +159,8 @@ CASES = {
     ),
     "ln-bwd-rstd-dtype": (
         lambda: _layernorm2d_bwd(rstd=torch.rand(2, 4, 5, dtype=torch.float64)),
-        "moce::layernorm2d_bwd: rstd must have dtype Float (the statistics dtype of a Float input), got Double",
+        "moce::layernorm2d_bwd: rstd must have dtype Float (the statistics dtype of a Float input), "
+        "got Double",
     ),
     # grouped_dwconv
     "dw-x-3d": (
@@ -283,7 +280,7 @@ CASES = {
 
 def _run_cases() -> None:
     """In the child process: run every case, print {id: [exception type or null, message]}."""
-    import moce_kernels._C  # noqa: F401  (registers the ops)
+    import moce_kernels._C  # noqa: F401, PLC0415  (registers the ops)
 
     results = {}
     for case_id, (make, _) in CASES.items():
@@ -304,7 +301,8 @@ def results():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, (
-        f"the child process running the failing checks died (exit code {proc.returncode}):\n{proc.stderr[-4000:]}"
+        f"the child process running the failing checks died (exit code {proc.returncode}):\n"
+        f"{proc.stderr[-4000:]}"
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from moce_kernels import dispatch, route
+from tests.ops._helpers import PATTERNS, routed_images
 
 #: (E, k) for E in {1, 4, 5} and k = 1..E.
 EK_CASES = [pytest.param(e, k, id=f"E{e}-k{k}") for e in (1, 4, 5) for k in range(1, e + 1)]
-PATTERNS = [pytest.param(p, id=p) for p in ("random", "one_expert", "some_empty")]
 
 
 def dispatch_loop(x: torch.Tensor, experts: list[list[int]], num_experts: int) -> torch.Tensor:
@@ -166,22 +165,8 @@ def test_bad_backend_raises(make_routing, backend, error):
 # --- property --------------------------------------------------------------------------------
 
 
-@st.composite
-def _dispatch_case(draw):
-    num_experts = draw(st.integers(1, 6))
-    return dict(
-        batch=draw(st.integers(1, 6)),
-        num_experts=num_experts,
-        k=draw(st.integers(1, num_experts)),
-        pattern=draw(st.sampled_from(["random", "one_expert", "some_empty"])),
-        height=draw(st.integers(1, 9)),
-        width=draw(st.integers(1, 9)),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
-
 @settings(max_examples=25, deadline=None)
-@given(case=_dispatch_case())
+@given(case=routed_images())
 def test_property_dispatch_matches_loop(make_routing, case):
     _, plan = make_routing(case["batch"], case["num_experts"], case["k"], case["pattern"], seed=case["seed"])
     g = torch.Generator().manual_seed(case["seed"])

@@ -15,23 +15,22 @@ import torch
 from moce_kernels import _backend, dispatch, route
 from moce_kernels.dispatch.reference import dispatch_reference
 from moce_kernels.route.reference import RoutingPlan
+from tests.ops._helpers import (
+    EK_CASES,
+    PATTERNS,
+    assert_all_written,
+    assert_compiled_for_sm90,
+    plan_on_device,
+    prefilled_buffers,
+    skip_unless_triton_usable,
+    sm90_labels,
+)
+from tests.ops._helpers import TRITON_DEVICE as DEVICE
 
-if not _backend.triton_usable()[0]:
-    pytest.skip(_backend.triton_usable()[1], allow_module_level=True)
+skip_unless_triton_usable()
 
 from moce_kernels.dispatch import triton as dispatch_triton_module  # noqa: E402  (needs triton)
 from moce_kernels.dispatch.triton import dispatch_triton  # noqa: E402
-from tests.ops.test_route_triton import (  # noqa: E402
-    assert_all_written,
-    compile_for_sm90,
-    prefilled_buffers,
-)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-#: (E, k) for E in {1, 4, 5, 8} and k = 1..E.
-EK_CASES = [pytest.param(e, k, id=f"E{e}-k{k}") for e in (1, 4, 5, 8) for k in range(1, e + 1)]
-PATTERNS = [pytest.param(p, id=p) for p in ("random", "one_expert", "some_empty")]
 
 #: (dtype, atol, rtol) of the gradient (a sum of k rows, float32 accumulation rounded once;
 #: the reference sums in its own order). The forward is a copy: always bit-exact.
@@ -41,10 +40,6 @@ FLOAT_DTYPES = [
     pytest.param(torch.bfloat16, 2e-2, 1.6e-2, id="bf16"),
     pytest.param(torch.float16, 2e-3, 1e-3, id="fp16"),
 ]
-
-
-def plan_on_device(plan: RoutingPlan) -> RoutingPlan:
-    return RoutingPlan(*(t.detach().to(DEVICE) for t in plan))
 
 
 def check_against_reference(x: torch.Tensor, plan: RoutingPlan, atol: float = 1e-6, rtol: float = 1e-6):
@@ -316,16 +311,9 @@ AOT_SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_results():
-    return compile_for_sm90(AOT_SPECS)
-
-
-@pytest.mark.parametrize("label", [pytest.param(spec[0], id=spec[0]) for spec in AOT_SPECS])
+@pytest.mark.parametrize("label", sm90_labels(AOT_SPECS))
 def test_kernels_compile_for_sm90(sm90_results, label):
-    result = sm90_results[label]
-    assert result["ok"], result.get("error")
-    assert "cubin" in result["asm"], "compiled to PTX but not through ptxas"
+    assert_compiled_for_sm90(sm90_results[label])
 
 
 def test_module_exports_the_convention_name():

@@ -16,24 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moce_kernels import _extension, grouped_dwconv
+from moce_kernels import grouped_dwconv
 from moce_kernels.grouped_dwconv.reference import grouped_dwconv_reference, pack_dwconv_weights
+from tests.ops._helpers import DEVICES, LAYOUTS, NEEDS_CUDA, misaligned, skip_unless_extension_built
 
-if not _extension.is_built("cpu"):
-    pytest.skip(f"{_extension.build_summary()}; {_extension.BUILD_HINT}", allow_module_level=True)
+skip_unless_extension_built()
 
 from moce_kernels.grouped_dwconv import compiled  # noqa: E402  (needs the extension)
-
-NEEDS_CUDA = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _extension.is_built("cuda"),
-        reason="moce_kernels._C was built without the CUDA kernels",
-    ),
-]
-
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NEEDS_CUDA)]
 
 # (channels, kernel_sizes, rows per expert, H, W)
 CASES = [
@@ -54,21 +43,6 @@ DTYPES = [
     pytest.param(torch.bfloat16, 1.6e-2, 8e-3, id="bf16"),
     pytest.param(torch.float16, 2e-3, 1e-3, id="fp16"),
 ]
-
-
-@pytest.fixture
-def nan_filled_empty():
-    """Every torch.empty (also those the kernels allocate) comes back NaN-filled."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def make_case(channels, kernel_sizes, counts, height, width, *, dtype=torch.float32, device="cpu", seed=0):
@@ -152,15 +126,7 @@ def test_int32_offsets(device):
 
 @pytest.mark.usefixtures("nan_filled_empty")
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param("channels_last", id="channels-last"),
-        pytest.param("sliced", id="sliced"),
-        # Contiguous, but starting one element into its buffer: not 16-byte aligned.
-        pytest.param("misaligned", id="misaligned"),
-    ],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous_or_misaligned_input(layout, device):
     x, weight, bias, offsets, chans, ks = make_case((3, 6), (7, 5), (1, 2), 9, 16, device=device)
     if layout == "channels_last":
@@ -168,8 +134,7 @@ def test_non_contiguous_or_misaligned_input(layout, device):
     elif layout == "sliced":
         x = torch.cat([x, x], -1)[..., ::2]
     else:
-        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
-        assert x.is_contiguous() and x.data_ptr() % 16 != 0
+        x = misaligned(x)
     check_against_reference(x, weight, bias, offsets, chans, ks, 1e-5, 1e-5, device)
 
 

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moce_kernels import _backend, grouped_dwconv
+from moce_kernels import grouped_dwconv
 from moce_kernels.grouped_dwconv.reference import centre_slice, grouped_dwconv_reference, pack_dwconv_weights
+from tests.ops._helpers import (
+    AOT_PRELUDE,
+    TRITON_DEVICE,
+    nan_empty,
+    run_aot_script,
+    skip_unless_triton_usable,
+)
 
-_usable, _why = _backend.triton_usable()
-if not _usable:
-    pytest.skip(f"Triton cannot run here: {_why}", allow_module_level=True)
+skip_unless_triton_usable()
 
 # Imported by path: ``moce_kernels.grouped_dwconv`` the attribute is the function, not the package.
 dw_triton = importlib.import_module("moce_kernels.grouped_dwconv.triton")
@@ -36,7 +37,7 @@ grouped_dwconv_triton = dw_triton.grouped_dwconv_triton
 depthwise_conv2d_triton = dw_triton.depthwise_conv2d_triton
 
 #: The interpreter runs on CPU tensors; compiled Triton needs CUDA tensors.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TRITON_DEVICE
 
 # (channels, kernel_sizes, rows per expert, H, W)
 # The interpreter's cost is per program and per tap (rows * C_max * tiles * K_e^2): the cases
@@ -189,10 +190,6 @@ def one_channel_blocks(monkeypatch):
 @pytest.fixture
 def nan_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an element a kernel skips shows up."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-
     monkeypatch.setattr(dw_triton, "_empty", nan_empty)
 
 
@@ -498,29 +495,11 @@ def test_gpu_moce_ir_s_expert_shapes(dtype, atol, rtol):
 
 # --- ahead-of-time compile for sm_90 ------------------------------------------------------------
 
-AOT_SCRIPT = textwrap.dedent(
+AOT_SCRIPT = AOT_PRELUDE + textwrap.dedent(
     """
-    import sys
-    try:
-        import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        print(f"no AOT API: {e}")
-        sys.exit(3)
     from moce_kernels.grouped_dwconv import triton as dw
 
-    def compile_(fn, signature, constexprs, num_warps=dw._CONV_WARPS):
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        try:
-            src = ASTSource(fn, sig, constexprs)
-        except (TypeError, KeyError, AttributeError) as e:
-            print(f"ASTSource API differs: {e!r}")
-            sys.exit(3)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        print("compiled", fn.__name__, constexprs)
-
+    warps = dw._CONV_WARPS
     common = dict(C_MAX="i32", H="i32", W="i32", E="i32", c_blocks="i32", tiles_w="i32", tiles="i32")
     fwd = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", off_ptr="*i64", meta_ptr="*i32", y_ptr="*bf16",
                **common)
@@ -532,14 +511,15 @@ AOT_SCRIPT = textwrap.dedent(
     for k_max, kernel_set, has_bias, flip, block_e in ((5, 3, True, False, 2), (3, 1, True, False, 1),
                                                         (7, 4, False, True, 1)):
         consts = dict(K_MAX=k_max, KERNEL_SET=kernel_set, HAS_BIAS=has_bias, FLIP=flip, BLOCK_E=block_e)
-        compile_(dw.grouped_dwconv_fwd_kernel, fwd, dict(consts, **blocks))
+        compile_(dw.grouped_dwconv_fwd_kernel, fwd, dict(consts, **blocks), warps)
     bwd = dict(x_ptr="*bf16", gy_ptr="*bf16", off_ptr="*i64", meta_ptr="*i32", part_w_ptr="*fp32",
                part_b_ptr="*fp32", **common)
-    compile_(dw.grouped_dwconv_bwd_weight_kernel, bwd, dict(K_MAX=9, KERNEL_SET=8, BLOCK_E=4, **blocks))
+    compile_(dw.grouped_dwconv_bwd_weight_kernel, bwd, dict(K_MAX=9, KERNEL_SET=8, BLOCK_E=4, **blocks),
+             warps)
     fwd64 = {k: ("*fp64" if v == "*bf16" else v) for k, v in fwd.items()}
     consts64 = dict(K_MAX=5, KERNEL_SET=3, HAS_BIAS=True, FLIP=False, BLOCK_E=2, BLOCK_C=8, BLOCK_H=8,
                     BLOCK_W=32, ACC=tl.float64)
-    compile_(dw.grouped_dwconv_fwd_kernel, fwd64, consts64)
+    compile_(dw.grouped_dwconv_fwd_kernel, fwd64, consts64, warps)
     red = dict(part_w_ptr="*fp32", part_b_ptr="*fp32", off_ptr="*i32", meta_ptr="*i32", gw_ptr="*fp16",
                gb_ptr="*fp16", C_MAX="i32", E="i32", c_blocks="i32", tiles="i32")
     red_consts = dict(K_MAX=9, BLOCK_C=2, BLOCK_TILES=16, BLOCK_T=128, ACC=tl.float32)
@@ -553,19 +533,4 @@ def test_aot_compile_sm90():
     interpreter forgives (constexpr misuse, dtype mismatches in loops and branches). Runs in a
     subprocess without TRITON_INTERPRET, which swaps Triton's own jit helpers for interpreted ones.
     The first run takes ~30 s on 2 cores (the unrolled 9x9 branch); Triton caches the result."""
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT],
-        check=False,
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode == 3:
-        pytest.skip(f"Triton's ahead-of-time compile API is not available here: {done.stdout.strip()}")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 6
+    assert run_aot_script(AOT_SCRIPT).count("compiled") == 6

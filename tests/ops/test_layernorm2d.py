@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moce_kernels import layernorm2d
+from tests.ops._helpers import assert_close_scaled
+from tests.ops._helpers import layernorm_inputs as make_inputs
 
 SHAPES = [
     pytest.param((2, 4, 13, 21), id="2x4x13x21"),
@@ -32,28 +34,6 @@ DTYPES = [
 def layer_norm_nchw(x, weight, bias, eps):
     """F.layer_norm over the channel axis of NCHW via a permute to NHWC and back."""
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
-
-
-def make_inputs(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    channels = shape[1]
-    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
-    weight = (1 + 0.5 * torch.randn(channels, generator=g)).to(dtype)
-    bias = (0.5 * torch.randn(channels, generator=g)).to(dtype)
-    return x, weight, bias
-
-
-def assert_close_scaled(got, want, *, atol, rtol, scale, name):
-    """``|got - want| <= atol * scale + rtol * |want|`` elementwise (``scale`` broadcasts); NaN fails."""
-    err = (got - want).abs()
-    bound = atol * scale + rtol * want.abs()
-    ok = err <= bound
-    if not bool(ok.all()):
-        worst = int((err - bound).nan_to_num(float("inf")).argmax())
-        raise AssertionError(
-            f"{name}: {int((~ok).sum())} of {err.numel()} elements off; worst |diff| "
-            f"{float(err.flatten()[worst]):.3g} > bound {float(bound.flatten()[worst]):.3g}"
-        )
 
 
 def check_forward_and_grads(x, weight, bias, eps, *, atol, rtol):
@@ -218,5 +198,5 @@ def _layernorm_case(draw):
 @given(case=_layernorm_case())
 def test_property_layernorm2d_matches_f_layer_norm(case):
     check_forward_and_grads(
-        *make_inputs(case["shape"], torch.float32, case["seed"]), 1e-5, atol=1e-5, rtol=1.3e-5
+        *make_inputs(case["shape"], torch.float32, seed=case["seed"]), 1e-5, atol=1e-5, rtol=1.3e-5
     )

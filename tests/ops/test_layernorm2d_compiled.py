@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import importlib
 import math
-import warnings
 
 import pytest
 import torch
 
 from moce_kernels import _extension, layernorm2d
 from moce_kernels.layernorm2d.reference import layernorm2d_reference
+from tests.ops._helpers import (
+    DEVICES,
+    LAYERNORM_DTYPES,
+    LAYOUTS,
+    check_layernorm2d,
+    misaligned,
+    skip_unless_extension_built,
+)
+from tests.ops._helpers import layernorm_inputs as make_inputs
 
-if not _extension.is_built("cpu"):
-    pytest.skip(f"{_extension.build_summary()}; {_extension.BUILD_HINT}", allow_module_level=True)
+skip_unless_extension_built()
 
 from moce_kernels.layernorm2d import compiled  # noqa: E402  (needs the extension)
 from moce_kernels.layernorm2d.compiled import layernorm2d_compiled  # noqa: E402
-
-NEEDS_CUDA = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _extension.is_built("cuda"),
-        reason="moce_kernels._C was built without the CUDA kernels",
-    ),
-]
-
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NEEDS_CUDA)]
 
 SHAPES = [
     pytest.param((1, 3, 13, 21), id="1x3x13x21"),
@@ -47,71 +43,12 @@ SHAPES = [
     pytest.param((2, 3, 0, 5), id="HW0"),
 ]
 
-DTYPES = [
-    pytest.param(torch.float32, 1e-5, 1.3e-5, id="fp32"),
-    pytest.param(torch.float64, 1e-10, 1e-10, id="fp64"),
-    # One rounding of the float32 result to bf16 / fp16 (eps 7.8e-3 / 9.8e-4), values O(1..10).
-    pytest.param(torch.bfloat16, 2e-2, 1.6e-2, id="bf16"),
-    pytest.param(torch.float16, 4e-3, 2e-3, id="fp16"),
-]
-
-
-def make_inputs(shape, dtype, device="cpu", seed=0, param_dtype=None):
-    g = torch.Generator().manual_seed(seed)
-    channels = shape[1]
-    param_dtype = param_dtype or dtype
-    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
-    weight = (1 + 0.5 * torch.randn(channels, generator=g)).to(param_dtype)
-    bias = (0.5 * torch.randn(channels, generator=g)).to(param_dtype)
-    return x.to(device), weight.to(device), bias.to(device)
-
-
-def assert_close_scaled(got, want, atol, rtol, scale, name):
-    """``|got - want| <= atol * scale + rtol * |want|`` elementwise (``scale`` broadcasts); NaN fails."""
-    err = (got - want).abs()
-    bound = atol * scale + rtol * want.abs()
-    ok = err <= bound
-    if not bool(ok.all()):
-        worst = int((err - bound).nan_to_num(float("inf")).argmax())
-        raise AssertionError(
-            f"{name}: {int((~ok).sum())} of {err.numel()} elements off; worst |diff| "
-            f"{float(err.flatten()[worst]):.3g} > bound {float(bound.flatten()[worst]):.3g}"
-        )
+DTYPES = LAYERNORM_DTYPES
 
 
 def check_against_reference(x, weight, bias, eps, atol, rtol, backend):
-    """Output and the gradients of x, weight and bias of ``backend`` against the reference.
-
-    Both sides round in float32 (float64 for float64 input); that rounding is amplified by rstd
-    in the output and by rstd**2 in grad x (pixels whose channels nearly agree), so atol is
-    scaled per pixel by max(1, rstd) and its square; grad weight and grad bias sum over
-    B * H * W pixels, so theirs grows with the square root of that.
-    """
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
-    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
-    out = layernorm2d(*leaves, eps, backend=backend)
-    with warnings.catch_warnings():
-        # torch.var warns on an empty reduction (B = 0 or H * W = 0); the result is empty anyway.
-        warnings.filterwarnings("ignore", message="var\\(\\): degrees of freedom")
-        want = layernorm2d_reference(*ref_leaves, eps)
-    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
-    # Every element written: finite input gives finite output.
-    assert bool(out.isfinite().all()), "output has NaN/Inf for finite input"
-    acc = torch.float64
-    xa = x.to(acc)
-    rstd = ((xa - xa.mean(1, keepdim=True)).square().mean(1, keepdim=True) + eps).rsqrt().clamp(min=1)
-    assert_close_scaled(out.to(acc), want.detach().to(acc), atol, rtol, rstd, "output")
-
-    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype).to(x.device)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    want_grads = torch.autograd.grad(want, ref_leaves, grad_out)
-    root_pixels = math.sqrt(max(1, x.shape[0] * x.shape[2] * x.shape[3]))
-    for name, leaf, got, ref, scale in zip(
-        ("x", "weight", "bias"), leaves, grads, want_grads, (rstd**2, root_pixels, root_pixels), strict=True
-    ):
-        assert got.dtype == leaf.dtype and got.shape == leaf.shape, name
-        assert bool(got.isfinite().all()), f"grad {name} has NaN/Inf"
-        assert_close_scaled(got.to(acc), ref.to(acc), atol, rtol, scale, f"grad {name}")
+    """Output and the gradients of x, weight and bias of ``backend`` against the reference."""
+    check_layernorm2d(lambda *args: layernorm2d(*args, backend=backend), x, weight, bias, eps, atol, rtol)
 
 
 # --- parity with the reference ------------------------------------------------------------------
@@ -159,15 +96,7 @@ def test_large_mean_small_spread(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param("channels_last", id="channels-last"),
-        pytest.param("sliced", id="sliced"),
-        # Contiguous, but starting one element into its buffer: not 16-byte aligned.
-        pytest.param("misaligned", id="misaligned"),
-    ],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous_or_misaligned_input(layout, device):
     x, weight, bias = make_inputs((2, 5, 12, 16), torch.float32, device)
     if layout == "channels_last":
@@ -175,8 +104,7 @@ def test_non_contiguous_or_misaligned_input(layout, device):
     elif layout == "sliced":
         x = x[:, :, 1:-1, ::2]
     else:
-        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
-        assert x.is_contiguous() and x.data_ptr() % 16 != 0
+        x = misaligned(x)
     check_against_reference(x, weight, bias, 1e-5, 1e-5, 1.3e-5, backend=device)
 
 

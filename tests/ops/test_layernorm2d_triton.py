@@ -9,31 +9,37 @@ torch.compile, and an ahead-of-time compile of every kernel for sm_90.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-import os
-import subprocess
-import sys
 import textwrap
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from moce_kernels import _backend, layernorm2d
-from moce_kernels.layernorm2d.reference import layernorm2d_reference
+from moce_kernels import layernorm2d
+from tests.ops._helpers import (
+    AOT_PRELUDE,
+    LAYERNORM_DTYPES,
+    LAYOUTS,
+    TRITON_DEVICE,
+    check_layernorm2d,
+    layernorm2d_reference_quiet,
+    layernorm_inputs,
+    misaligned,
+    nan_empty,
+    run_aot_script,
+    skip_unless_triton_usable,
+)
 
-_usable, _why = _backend.triton_usable()
-if not _usable:
-    pytest.skip(f"Triton cannot run here: {_why}", allow_module_level=True)
+skip_unless_triton_usable()
 
 # Imported by path: ``moce_kernels.layernorm2d`` the attribute is the function, not the package.
 ln_triton = importlib.import_module("moce_kernels.layernorm2d.triton")
 layernorm2d_triton = ln_triton.layernorm2d_triton
 
 #: The interpreter runs on CPU tensors; compiled Triton needs CUDA tensors.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TRITON_DEVICE
 
 SHAPES = [
     pytest.param((1, 3, 13, 21), id="B1-C3-13x21"),
@@ -51,81 +57,25 @@ SHAPES = [
 
 # (dtype, atol, rtol): atol scaled per pixel by max(1, rstd) (and its square for grad x) and for
 # the parameter gradients by sqrt(pixels) (see check_against_reference).
-DTYPES = [
-    pytest.param(torch.float32, 1e-5, 1.3e-5, id="fp32"),
-    pytest.param(torch.float64, 1e-10, 1e-10, id="fp64"),
-    # One rounding of the float32 result to bf16 / fp16 (eps 7.8e-3 / 9.8e-4), values O(1..10).
-    pytest.param(torch.bfloat16, 2e-2, 1.6e-2, id="bf16"),
-    pytest.param(torch.float16, 4e-3, 2e-3, id="fp16"),
-]
+DTYPES = LAYERNORM_DTYPES
 
 
 #: (atol, rtol) of one rounding to each dtype, for gradients stored in a parameter's own dtype.
 ROUNDING = {param.values[0]: param.values[1:] for param in DTYPES}
 
 
-def make_inputs(shape, dtype, seed=0, param_dtype=None):
-    g = torch.Generator().manual_seed(seed)
-    channels = shape[1]
-    param_dtype = param_dtype or dtype
-    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
-    weight = (1 + 0.5 * torch.randn(channels, generator=g)).to(param_dtype)
-    bias = (0.5 * torch.randn(channels, generator=g)).to(param_dtype)
-    return x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+make_inputs = functools.partial(layernorm_inputs, device=DEVICE)
 
 
-def assert_close_scaled(got, want, atol, rtol, scale, name):
-    """``|got - want| <= atol * scale + rtol * |want|`` elementwise (``scale`` broadcasts); NaN fails."""
-    err = (got - want).abs()
-    bound = atol * scale + rtol * want.abs()
-    ok = err <= bound
-    if not bool(ok.all()):
-        worst = int((err - bound).nan_to_num(float("inf")).argmax())
-        raise AssertionError(
-            f"{name}: {int((~ok).sum())} of {err.numel()} elements off; worst |diff| "
-            f"{float(err.flatten()[worst]):.3g} > bound {float(bound.flatten()[worst]):.3g}"
-        )
-
-
-def reference(x, weight, bias, eps):
-    with warnings.catch_warnings():
-        # torch.var warns on an empty reduction (B = 0 or H * W = 0); the result is empty anyway.
-        warnings.filterwarnings("ignore", message="var\\(\\): degrees of freedom")
-        return layernorm2d_reference(x, weight, bias, eps)
+reference = layernorm2d_reference_quiet
 
 
 def check_against_reference(x, weight, bias, eps, atol, rtol, fn=None):
     """Output and grads of x, weight, bias of ``fn`` (default: the public function, backend
-    "triton") against the reference.
-
-    Both sides round in float32 (float64 for float64 input); rstd amplifies that rounding in the
-    output and rstd**2 in grad x, so atol is scaled per pixel by max(1, rstd) and its square; grad
-    weight and grad bias sum over B * H * W pixels, so theirs grows with the square root of that,
-    and they are rounded to the parameters' own dtype (the looser of its tolerance and x's).
-    """
+    "triton") against the reference; the parameter gradients are rounded to the parameters' own
+    dtype (the looser of its tolerance and x's)."""
     fn = fn or (lambda a, w, b, e: layernorm2d(a, w, b, e, backend="triton"))
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
-    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
-    out = fn(*leaves, eps)
-    want = reference(*ref_leaves, eps)
-    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
-    assert bool(out.isfinite().all()), "output has NaN/Inf for finite input"
-    acc = torch.float64
-    xa = x.to(acc)
-    rstd = ((xa - xa.mean(1, keepdim=True)).square().mean(1, keepdim=True) + eps).rsqrt().clamp(min=1)
-    assert_close_scaled(out.to(acc), want.detach().to(acc), atol, rtol, rstd, "output")
-
-    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype).to(x.device)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    want_grads = torch.autograd.grad(want, ref_leaves, grad_out)
-    root_pixels = math.sqrt(max(1, x.shape[0] * x.shape[2] * x.shape[3]))
-    for name, leaf, got, ref, scale in zip(
-        ("x", "weight", "bias"), leaves, grads, want_grads, (rstd**2, root_pixels, root_pixels), strict=True
-    ):
-        assert got.dtype == leaf.dtype and got.shape == leaf.shape, name
-        assert bool(got.isfinite().all()), f"grad {name} has NaN/Inf"
-        leaf_atol, leaf_rtol = (max(a, b) for a, b in zip((atol, rtol), ROUNDING[leaf.dtype], strict=True))
-        assert_close_scaled(got.to(acc), ref.to(acc), leaf_atol, leaf_rtol, scale, f"grad {name}")
+    check_layernorm2d(fn, x, weight, bias, eps, atol, rtol, param_rounding=ROUNDING)
 
 
 @pytest.fixture
@@ -144,10 +94,6 @@ def gpu_tiles(monkeypatch):
 @pytest.fixture
 def nan_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an element a kernel skips shows up."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-
     monkeypatch.setattr(ln_triton, "_empty", nan_empty)
 
 
@@ -228,14 +174,7 @@ def test_large_mean_small_spread(path, request):
     )
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param("channels_last", id="channels-last"),
-        pytest.param("sliced", id="sliced"),
-        pytest.param("misaligned", id="misaligned"),
-    ],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous_or_misaligned_input(layout):
     x, weight, bias = make_inputs((2, 5, 6, 8), torch.float32)
     if layout == "channels_last":
@@ -243,8 +182,7 @@ def test_non_contiguous_or_misaligned_input(layout):
     elif layout == "sliced":
         x = x[:, :, 1:-1, ::2]
     else:
-        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
-        assert x.is_contiguous() and x.data_ptr() % 16 != 0
+        x = misaligned(x)
     check_against_reference(x, weight, bias, 1e-5, 1e-5, 1.3e-5)
 
 
@@ -452,28 +390,9 @@ def test_gpu_model_shapes(shape, dtype, atol, rtol):
 
 # --- ahead-of-time compile for sm_90 ------------------------------------------------------------
 
-AOT_SCRIPT = textwrap.dedent(
+AOT_SCRIPT = AOT_PRELUDE + textwrap.dedent(
     """
-    import sys
-    try:
-        import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        print(f"no AOT API: {e}")
-        sys.exit(3)
     from moce_kernels.layernorm2d import triton as ln
-
-    def compile_(fn, signature, constexprs, num_warps):
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        try:
-            src = ASTSource(fn, sig, constexprs)
-        except (TypeError, KeyError, AttributeError) as e:
-            print(f"ASTSource API differs: {e!r}")
-            sys.exit(3)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        print("compiled", fn.__name__, constexprs, num_warps)
 
     fwd = dict(x_ptr="*bf16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*bf16", mean_ptr="*fp32",
                rstd_ptr="*fp32", C="i32", HW="i32", eps="fp32")
@@ -497,19 +416,4 @@ def test_aot_compile_sm90():
     """Compile every kernel for sm_90 (Triton's own compiler, no GPU needed): catches what the
     interpreter forgives (constexpr misuse, dtype mismatches in loops and branches). Runs in a
     subprocess without TRITON_INTERPRET, which swaps Triton's own jit helpers for interpreted ones."""
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT],
-        check=False,
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode == 3:
-        pytest.skip(f"Triton's ahead-of-time compile API is not available here: {done.stdout.strip()}")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 8
+    assert run_aot_script(AOT_SCRIPT).count("compiled") == 8

@@ -17,25 +17,14 @@ import math
 import pytest
 import torch
 
-from moce_kernels import _extension, route
+from moce_kernels import route
 from moce_kernels.route.reference import route_reference
 from tests.conftest import make_routing_impl
+from tests.ops._helpers import DEVICES, NEEDS_CUDA, skip_unless_extension_built
 
-if not _extension.is_built("cpu"):
-    pytest.skip(f"{_extension.build_summary()}; {_extension.BUILD_HINT}", allow_module_level=True)
+skip_unless_extension_built()
 
 from moce_kernels.route import compiled  # noqa: E402  (needs the extension)
-
-NEEDS_CUDA = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _extension.is_built("cuda"),
-        reason="moce_kernels._C was built without the CUDA kernels",
-    ),
-]
-
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NEEDS_CUDA)]
 
 INDEX_FIELDS = ("experts", "counts", "offsets", "sorted_slots", "sorted_images", "inverse")
 FLOAT_FIELDS = ("gates", "probs", "noisy_logits")
@@ -51,21 +40,6 @@ ROUTINGS = [
     # More slots than one CUDA block (1024 threads) walks at a time.
     pytest.param(700, 8, 2, "random", id="B700-E8-k2"),
 ]
-
-
-@pytest.fixture
-def nan_filled_empty():
-    """Every torch.empty (also those the kernels allocate) comes back NaN-filled."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def assert_plan_matches(plan, want):

@@ -4,141 +4,37 @@ Every field of the plan, the gradients of gates / probs / noisy_logits w.r.t. lo
 gradcheck, the tie and NaN rules, determinism, NaN/sentinel-prefilled buffers, opcheck,
 torch.compile and an ahead-of-time sm_90 compile of each kernel. Without a GPU the kernels run
 on the CPU through the Triton interpreter (tests/conftest.py); with one, on CUDA.
-
-Also the home of two helpers the dispatch/combine Triton tests import: ``prefilled_buffers``
-and ``compile_for_sm90``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from moce_kernels import _backend, route
 from moce_kernels.route.reference import RoutingPlan, route_reference
+from tests.ops._helpers import (
+    EK_CASES,
+    PATTERNS,
+    assert_all_written,
+    assert_compiled_for_sm90,
+    prefilled_buffers,
+    skip_unless_triton_usable,
+    sm90_labels,
+)
+from tests.ops._helpers import TRITON_DEVICE as DEVICE
 
-if not _backend.triton_usable()[0]:
-    pytest.skip(_backend.triton_usable()[1], allow_module_level=True)
+skip_unless_triton_usable()
 
 from moce_kernels.route import triton as route_triton_module  # noqa: E402  (needs triton)
 from moce_kernels.route.triton import MAX_BATCH, MAX_EXPERTS, route_triton  # noqa: E402
 
-#: Where the Triton kernels run here: CUDA when present, else the CPU interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-#: (E, k) for E in {1, 4, 5, 8} and k = 1..E.
-EK_CASES = [pytest.param(e, k, id=f"E{e}-k{k}") for e in (1, 4, 5, 8) for k in range(1, e + 1)]
-PATTERNS = [pytest.param(p, id=p) for p in ("random", "one_expert", "some_empty")]
 INT_FIELDS = ("experts", "counts", "offsets", "sorted_slots", "sorted_images", "inverse")
 FLOAT_FIELDS = ("gates", "probs", "noisy_logits")
 #: Gates/probs are float32 softmaxes of O(1) logits; the kernel's exp may differ by an ulp.
 F32_TOL = dict(atol=1e-6, rtol=1e-5)
-
-
-# --- helpers shared with test_dispatch_triton.py / test_combine_triton.py ------------------------
-
-#: What ``prefilled_buffers`` writes into fresh integer buffers (no plan index can equal it).
-INT_SENTINEL = -(2**40)
-
-
-@contextlib.contextmanager
-def prefilled_buffers(monkeypatch):
-    """Inside the block, ``torch.empty`` / ``empty_like`` / ``new_empty`` return buffers filled
-    with NaN (floating dtypes) or ``INT_SENTINEL`` (integer dtypes), so an element a kernel
-    forgets to write shows up in the result."""
-
-    def fill(t):
-        if t.dtype.is_floating_point or t.dtype.is_complex:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool and t.element_size() >= 8:
-            t.fill_(INT_SENTINEL)
-        return t
-
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
-        m.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
-        m.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
-        yield
-
-
-def assert_all_written(t: torch.Tensor, name: str) -> None:
-    if t.dtype.is_floating_point:
-        assert not bool(t.isnan().any()), f"{name}: NaN left (element not written)"
-    elif t.dtype == torch.int64:
-        assert not bool((t == INT_SENTINEL).any()), f"{name}: sentinel left (element not written)"
-
-
-_AOT_SCRIPT = textwrap.dedent(
-    """
-    import importlib, json, sys
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-
-    results = {}
-    for label, module, name, signature, constexprs in json.loads(sys.stdin.read()):
-        fn = getattr(importlib.import_module(module), name)
-        constexprs = {
-            k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
-            for k, v in constexprs.items()
-        }
-        try:
-            src = triton.compiler.ASTSource(fn, signature, constexprs)
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-            results[label] = dict(ok=True, asm=sorted(kernel.asm))
-        except Exception as exc:  # reported per kernel by the test
-            results[label] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[-3000:])
-    print("AOT-RESULTS " + json.dumps(results))
-    """
-)
-
-
-def compile_for_sm90(specs: list[tuple]) -> dict[str, dict]:
-    """Compile Triton kernels ahead of time for sm_90 (no GPU needed) to catch what the
-    interpreter forgives (types, layouts, unsupported ops).
-
-    ``specs``: (label, module, kernel name, signature {arg: "*fp32" | "i32" | "constexpr"},
-    constexprs {arg: value, "tl.float32" for a dtype}). Runs in a fresh interpreter WITHOUT
-    TRITON_INTERPRET: under the interpreter ``triton.jit`` returns interpreted functions, and
-    the jit helpers of ``tl.sum`` / ``tl.cumsum`` then fail to compile. Skips the calling test
-    when this Triton has no ahead-of-time API or no CUDA backend.
-    """
-    try:
-        import triton  # noqa: PLC0415
-        from triton.backends.compiler import GPUTarget  # noqa: F401, PLC0415
-
-        triton.compiler.ASTSource  # noqa: B018
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"no Triton ahead-of-time compile API: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT],
-        input=json.dumps(specs),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=repo,
-        timeout=600,
-        check=False,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("AOT-RESULTS "):
-            return json.loads(line.removeprefix("AOT-RESULTS "))
-    if "backend" in proc.stderr.lower() and "cuda" in proc.stderr.lower():
-        pytest.skip(f"Triton cannot target CUDA here: {proc.stderr[-500:]}")
-    raise AssertionError(f"ahead-of-time compile script failed:\n{proc.stderr[-3000:]}")
 
 
 # --- local helpers ----------------------------------------------------------------------------
@@ -475,16 +371,9 @@ AOT_SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sm90_results():
-    return compile_for_sm90(AOT_SPECS)
-
-
-@pytest.mark.parametrize("label", [pytest.param(spec[0], id=spec[0]) for spec in AOT_SPECS])
+@pytest.mark.parametrize("label", sm90_labels(AOT_SPECS))
 def test_kernels_compile_for_sm90(sm90_results, label):
-    result = sm90_results[label]
-    assert result["ok"], result.get("error")
-    assert "cubin" in result["asm"], "compiled to PTX but not through ptxas"
+    assert_compiled_for_sm90(sm90_results[label])
 
 
 def test_module_exports_the_convention_name():
