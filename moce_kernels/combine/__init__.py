@@ -6,9 +6,8 @@ import torch
 
 from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
-from moce_kernels._plan_checks import check_plan
+from moce_kernels._plan_checks import check_plan, check_plan_indices, check_plan_lengths
 from moce_kernels.combine.reference import combine_reference
-from moce_kernels.dispatch import check_plan_indices, check_plan_lengths
 from moce_kernels.route.reference import RoutingPlan
 
 __all__ = ["combine", "combine_reference"]

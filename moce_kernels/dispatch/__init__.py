@@ -6,38 +6,11 @@ import torch
 
 from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import check_tensor
-from moce_kernels._plan_checks import check_plan
+from moce_kernels._plan_checks import check_plan, check_plan_indices, check_plan_lengths
 from moce_kernels.dispatch.reference import dispatch_reference
 from moce_kernels.route.reference import RoutingPlan
 
 __all__ = ["dispatch", "dispatch_reference"]
-
-
-# (Shared with combine; they would sit well in moce_kernels/_plan_checks.py.)
-def check_plan_lengths(plan: RoutingPlan, names: list[str]) -> None:
-    """Each named index field of the plan must be [B * k] (shapes only: no host read)."""
-    slots = plan.batch_size * plan.k
-    for name in names:
-        t = getattr(plan, name)
-        if tuple(t.shape) != (slots,):
-            raise ValueError(
-                f"plan.{name} must have shape (B * k,) = ({slots},) (B = {plan.batch_size}, "
-                f"k = {plan.k}: plan.experts' shape), got {tuple(t.shape)}: a corrupted plan?"
-            )
-
-
-def check_plan_indices(plan: RoutingPlan, fields: list[tuple[str, int]]) -> None:
-    """Each (name, bound): the plan's field holds indices in [0, bound). Reads them on the host:
-    free on the CPU, a synchronisation on a GPU."""
-    for name, bound in fields:
-        t = getattr(plan, name)
-        outside = (t < 0) | (t >= bound)
-        if t.numel() and bool(outside.any()):
-            i = int(outside.nonzero()[0, 0])
-            raise ValueError(
-                f"plan.{name}[{i}] = {int(t[i])} is out of range [0, {bound}): a corrupted plan? "
-                "(make plans with moce_kernels.route)"
-            )
 
 
 def dispatch(x: torch.Tensor, plan: RoutingPlan, *, backend: str = "auto") -> torch.Tensor:
