@@ -146,6 +146,15 @@ def check_available(backend: str) -> None:
         _extension.require(backend)
 
 
+def is_available(backend: str) -> bool:
+    """Whether :func:`check_available` accepts ``backend`` here (no exception, no reason)."""
+    try:
+        check_available(backend)
+    except RuntimeError:
+        return False
+    return True
+
+
 @torch.compiler.assume_constant_result
 def op_backend(op: str, backend: str) -> str:
     """The backend ``op`` runs with when a whole model asks for ``backend``: the op's own kernel

@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import moceir
-from moce_kernels._backend import check_available
+from moce_kernels._backend import is_available
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
 
 
-def usable(backend: str) -> bool:
-    try:
-        check_available(backend)
-    except RuntimeError:
-        return False
-    return True
-
-
 BACKENDS = [
-    pytest.param(b, marks=pytest.mark.skipif(not usable(b), reason=f"backend {b!r} cannot run here"))
+    pytest.param(b, marks=pytest.mark.skipif(not is_available(b), reason=f"backend {b!r} cannot run here"))
     for b in ("auto", "cpu", "triton")
 ]
 

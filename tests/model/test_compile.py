@@ -9,17 +9,9 @@ import torch._dynamo
 
 import moceir
 from moce_kernels import layernorm2d
-from moce_kernels._backend import check_available
+from moce_kernels._backend import is_available
 
 TINY = dict(dim=8, num_blocks=(1, 1, 1, 1), num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)
-
-
-def _usable(backend: str) -> bool:
-    try:
-        check_available(backend)
-    except RuntimeError:
-        return False
-    return True
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +22,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not _usable("cpu"), reason="moce_kernels._C is not built")
+@pytest.mark.skipif(not is_available("cpu"), reason="moce_kernels._C is not built")
 def test_layernorm2d_auto_compiles_to_one_graph():
     x, w, b = torch.randn(2, 5, 7, 9), torch.randn(5), torch.randn(5)
     fn = torch.compile(
@@ -39,7 +31,7 @@ def test_layernorm2d_auto_compiles_to_one_graph():
     torch.testing.assert_close(fn(x, w, b), layernorm2d(x, w, b, backend="auto"))
 
 
-@pytest.mark.skipif(not _usable("cpu"), reason="moce_kernels._C is not built")
+@pytest.mark.skipif(not is_available("cpu"), reason="moce_kernels._C is not built")
 def test_model_compiles_without_import_graph_breaks():
     """The only graph breaks left are host reads of data (the experts' row counts, input checks
     on the CPU): none from resolving a backend (imports, file lookups)."""
