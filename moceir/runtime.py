@@ -80,7 +80,9 @@ def load_model(
         try:
             model = moceir.load_checkpoint(path, backend="reference")
         except (ValueError, FileNotFoundError, OSError) as e:
-            raise CLIError(f"cannot load checkpoint {path}: {e}") from e
+            # The loader's messages already name the file; others get the path in front.
+            where = "" if str(path) in str(e) else f" {path}"
+            raise CLIError(f"cannot load checkpoint{where}: {e}") from e
     else:
         if not quiet:
             print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)

@@ -411,7 +411,7 @@ CLI = [
     cli("checkpoint-folder-without-weights", "{image} -o {out} --checkpoint {in}",
         r"in is a folder without model\.safetensors or checkpoints/latest"),
     cli("checkpoint-text", "{image} -o {out} --checkpoint {tmp}/notes.pt",
-        r"cannot load checkpoint .*notes\.pt: cannot read checkpoint .*notes\.pt: not a checkpoint file"),
+        r"error: cannot load checkpoint: cannot read checkpoint [^:]*notes\.pt: not a checkpoint file"),
 ]  # fmt: skip
 
 
