@@ -25,14 +25,22 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = op_backend("grouped_dwconv", self.backend)
-        if backend == "reference" or x.dim() != 4 or x.dtype != self.weight.dtype:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            # What autocast does for nn.Conv2d: input and parameters in the autocast dtype (the
+            # casts are differentiable: the float32 parameters get their gradients).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if backend == "reference" or x.dim() != 4 or x.dtype != weight.dtype:
             # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's
             # own behaviour and errors.
             return super().forward(x)
         c, k = self.in_channels, self.kernel_size[0]
         # offsets [0, N] made on the device: no host-to-device copy (CUDA-graph safe).
         offsets = torch.arange(2, device=x.device) * x.shape[0]
-        bias = None if self.bias is None else self.bias.view(1, c)
-        return grouped_dwconv(
-            x.contiguous(), self.weight.view(1, c, k, k), bias, offsets, [c], [k], backend=backend
-        )
+        bias = None if bias is None else bias.view(1, c)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_dwconv(
+                x.contiguous(), weight.view(1, c, k, k), bias, offsets, [c], [k], backend=backend
+            )
