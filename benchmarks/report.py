@@ -420,6 +420,22 @@ def _speedup_axis(ax, values: list[float]) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
 
 
+def _speedup_bars(ax, providers: list[str], rows: list[dict], height: float, fontsize: int) -> None:
+    """One horizontal bar per (row, provider): its speed-up over the row's reference, labelled."""
+    shown: list[float] = []
+    for j, provider in enumerate(providers):
+        ys, xs = [], []
+        for i, cells in enumerate(rows):
+            s = speedup(cells.get(provider), cells.get("reference"))
+            if s is not None:
+                ys.append(i + j * height)
+                xs.append(s)
+        bars = ax.barh(ys, xs, height=height, label=provider)
+        ax.bar_label(bars, labels=[f"{x:.3g}x" for x in xs], fontsize=fontsize, padding=2)
+        shown += xs
+    _speedup_axis(ax, shown)
+
+
 def plot_ops(run: Run, path: Path, title: str) -> bool:
     """Speed-up over the reference per op case, one panel per mode. False when nothing to plot."""
     plt = _pyplot()
@@ -439,18 +455,7 @@ def plot_ops(run: Run, path: Path, title: str) -> bool:
     height = 0.8 / len(providers)
     for ax, mode in zip(axes[0], modes, strict=True):
         cases = [(op, key, cells) for op, g in groups.items() for key, cells in g.items() if key[3] == mode]
-        shown: list[float] = []
-        for j, provider in enumerate(providers):
-            ys, xs = [], []
-            for i, (_, _, cells) in enumerate(cases):
-                s = speedup(cells.get(provider), cells.get("reference"))
-                if s is not None:
-                    ys.append(i + j * height)
-                    xs.append(s)
-            bars = ax.barh(ys, xs, height=height, label=provider)
-            ax.bar_label(bars, labels=[f"{x:.3g}x" for x in xs], fontsize=6, padding=2)
-            shown += xs
-        _speedup_axis(ax, shown)
+        _speedup_bars(ax, providers, [cells for _, _, cells in cases], height, fontsize=6)
         ax.set_title(mode)
         ax.set_xlabel("speed-up over the reference")
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
@@ -475,18 +480,7 @@ def plot_models(run: Run, path: Path, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 1 + 0.45 * len(rows)))
     height = 0.8 / len(providers)
-    shown: list[float] = []
-    for j, provider in enumerate(providers):
-        ys, xs = [], []
-        for i, (_, _, cells) in enumerate(rows):
-            s = speedup(cells.get(provider), cells.get("reference"))
-            if s is not None:
-                ys.append(i + j * height)
-                xs.append(s)
-        bars = ax.barh(ys, xs, height=height, label=provider)
-        ax.bar_label(bars, labels=[f"{x:.3g}x" for x in xs], fontsize=7, padding=2)
-        shown += xs
-    _speedup_axis(ax, shown)
+    _speedup_bars(ax, providers, [cells for _, _, cells in rows], height, fontsize=7)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))])
     ax.set_yticklabels([f"{w} {k[0]} {k[1]}" for w, k, _ in rows], fontsize=8)
     ax.invert_yaxis()

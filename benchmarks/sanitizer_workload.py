@@ -12,7 +12,9 @@ and happens to get zeros still shows up as a wrong number.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +40,27 @@ def _close(name: str, got, want, atol: float, rtol: float, failures: list[str]) 
         failures.append(f"{name}: {str(e).splitlines()[0]}")
 
 
+def _compare(
+    label: str,
+    op: Callable[..., torch.Tensor],
+    inputs: list[torch.Tensor],
+    backend: str,
+    tol: tuple[float, float, float, float],
+    failures: list[str],
+) -> None:
+    """Run ``op(*inputs, backend=...)`` with ``backend`` and the reference; compare the outputs
+    (atol, rtol = tol[:2]) and every input's gradient (tol[2:]) in float32."""
+    runs = []
+    for b in (backend, "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = op(*leaves, backend=b)
+        runs.append((out.float(), [g.float() for g in _grads(out, leaves, 1)]))
+    (got, got_grads), (want, want_grads) = runs
+    _close(f"{backend} {label}", got, want, tol[0], tol[1], failures)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        _close(f"{backend} {label} grad{i}", g, w, tol[2], tol[3], failures)
+
+
 def check(backend: str, device: torch.device, failures: list[str]) -> None:
     gen = torch.Generator().manual_seed(0)
     for batch, k in ((1, 1), (5, 2)):
@@ -49,57 +72,43 @@ def check(backend: str, device: torch.device, failures: list[str]) -> None:
         for field in ("experts", "counts", "offsets", "sorted_slots", "inverse"):
             if not torch.equal(getattr(plan, field), getattr(ref_plan, field)):
                 failures.append(f"{backend} route B={batch} k={k}: {field} differs")
-        x = torch.randn(batch, 7, 13, 21, generator=gen).to(device).requires_grad_()
-        gates = plan.gates.clone().requires_grad_()
-        for name, fn in (("dispatch", dispatch), ("combine", None)):
-            if fn is dispatch:
-                outs = [dispatch(x, plan, backend=b) for b in (backend, "reference")]
-                grads = [_grads(o, [x], 1) for o in outs]
-            else:
-                y = torch.randn(batch * k, 7, 13, 21, generator=gen).to(device).requires_grad_()
-                outs = [combine(y, plan, gates, backend=b) for b in (backend, "reference")]
-                grads = [_grads(o, [y, gates], 2) for o in outs]
-            _close(f"{backend} {name} B={batch}", outs[0], outs[1], 1e-6, 1e-5, failures)
-            for i, (a, b) in enumerate(zip(*grads, strict=True)):
-                _close(f"{backend} {name} B={batch} grad{i}", a, b, 1e-5, 1e-4, failures)
+        tol = (1e-6, 1e-5, 1e-5, 1e-4)
+        x = torch.randn(batch, 7, 13, 21, generator=gen).to(device)
+        y = torch.randn(batch * k, 7, 13, 21, generator=gen).to(device)
+        _compare(f"dispatch B={batch}", functools.partial(dispatch, plan=plan), [x], backend, tol, failures)
+
+        def combine_with_plan(y, gates, backend, plan=plan):
+            return combine(y, plan, gates, backend=backend)
+
+        _compare(f"combine B={batch}", combine_with_plan, [y, plan.gates], backend, tol, failures)
 
     # grouped_dwconv: 4 experts (widths 5, 16, 9, 33; kernels 3, 5, 7, 9), expert 1 empty.
     channels, kernel_sizes, rows = [5, 16, 9, 33], [3, 5, 7, 9], [2, 0, 1, 3]
     c_max = max(channels)
     offsets = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], device=device)
     for dtype, atol, rtol in ((torch.float32, 1e-4, 1e-4), (torch.bfloat16, 5e-2, 2e-2)):
+        tol = (atol, rtol, 10 * atol, 10 * rtol)
         x = torch.randn(sum(rows), c_max, 13, 21, generator=gen).to(device, dtype)
         per_expert = [
             torch.randn(c, 1, ks, ks, generator=gen) for c, ks in zip(channels, kernel_sizes, strict=True)
         ]
-        weight, _, _, _ = pack_dwconv_weights(per_expert)
-        weight = weight.to(device, dtype)
+        weight = pack_dwconv_weights(per_expert)[0].to(device, dtype)
         bias = torch.randn(len(channels), c_max, generator=gen).to(device, dtype)
-        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        outs, grads = [], []
-        for b in (backend, "reference"):
-            leaves = [t.detach().clone().requires_grad_() for t in inputs]
-            out = grouped_dwconv(*leaves, offsets, channels, kernel_sizes, backend=b)
-            outs.append(out.float())
-            grads.append([g.float() for g in _grads(out, leaves, 3)])
-        _close(f"{backend} grouped_dwconv {dtype}", outs[0], outs[1], atol, rtol, failures)
-        for i, (a, b) in enumerate(zip(*grads, strict=True)):
-            _close(f"{backend} grouped_dwconv {dtype} grad{i}", a, b, 10 * atol, 10 * rtol, failures)
-
-        # layernorm2d over 7 and 48 channels
-        for c in (7, 48):
-            x = torch.randn(2, c, 13, 21, generator=gen).to(device, dtype)
-            w = torch.randn(c, generator=gen).to(device, dtype)
-            bvec = torch.randn(c, generator=gen).to(device, dtype)
-            outs, grads = [], []
-            for b in (backend, "reference"):
-                leaves = [t.clone().requires_grad_() for t in (x, w, bvec)]
-                out = layernorm2d(*leaves, backend=b)
-                outs.append(out.float())
-                grads.append([g.float() for g in _grads(out, leaves, 4)])
-            _close(f"{backend} layernorm2d C={c} {dtype}", outs[0], outs[1], atol, rtol, failures)
-            for i, (a, b) in enumerate(zip(*grads, strict=True)):
-                _close(f"{backend} layernorm2d C={c} {dtype} grad{i}", a, b, 10 * atol, 10 * rtol, failures)
+        _compare(
+            f"grouped_dwconv {dtype}",
+            lambda x, w, b, backend: grouped_dwconv(
+                x, w, b, offsets, channels, kernel_sizes, backend=backend
+            ),
+            [x, weight, bias],
+            backend,
+            tol,
+            failures,
+        )
+        for c in (7, 48):  # layernorm2d over 7 and 48 channels
+            inputs = [
+                torch.randn(shape, generator=gen).to(device, dtype) for shape in ((2, c, 13, 21), (c,), (c,))
+            ]
+            _compare(f"layernorm2d C={c} {dtype}", layernorm2d, inputs, backend, tol, failures)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,9 +82,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """
     chosen = _resolve(op, backend, device)
     if chosen != "reference":
-        kind = "triton" if chosen == "triton" else "compiled"
-        if (op, kind) not in _IMPLEMENTATIONS:
-            _IMPLEMENTATIONS[(op, kind)] = getattr(_module(op, kind), f"{op}_{kind}")
+        _load_implementation(op, chosen)
     return chosen
 
 
@@ -121,11 +119,16 @@ def _resolve(op: str, backend: str, device: torch.device) -> str:
 
 def implementation(op: str, backend: str) -> Callable:
     """The function that runs ``op`` on a ``backend`` that :func:`resolve_backend` returned."""
+    found = _IMPLEMENTATIONS.get((op, "triton" if backend == "triton" else "compiled"))
+    # Loaded by resolve_backend; tests may call this directly.
+    return found if found is not None else _load_implementation(op, backend)
+
+
+def _load_implementation(op: str, backend: str) -> Callable:
     kind = "triton" if backend == "triton" else "compiled"
-    found = _IMPLEMENTATIONS.get((op, kind))
-    if found is None:  # resolved elsewhere (tests call this directly)
-        found = _IMPLEMENTATIONS[(op, kind)] = getattr(_module(op, kind), f"{op}_{kind}")
-    return found
+    if (op, kind) not in _IMPLEMENTATIONS:
+        _IMPLEMENTATIONS[(op, kind)] = getattr(_module(op, kind), f"{op}_{kind}")
+    return _IMPLEMENTATIONS[(op, kind)]
 
 
 def check_available(backend: str) -> None:

@@ -50,3 +50,9 @@ def test_set_backend_rejects_unknown_names():
     model = moceir.build_model("moce_ir_s", **SMALL)
     with pytest.raises(ValueError, match="backend must be one of"):
         model.set_backend("fastest")
+
+
+def test_is_available_answers_for_known_names_and_rejects_unknown_ones():
+    assert is_available("reference") and is_available("auto")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        is_available("fastest")
