@@ -9,6 +9,9 @@ from moce_kernels._extension import build_summary
 from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
 from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
+from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
+from moce_kernels.grouped_patch_fft_conv import grouped_patch_fft_conv
+from moce_kernels.grouped_pointwise import grouped_pointwise, pack_pointwise_weights
 from moce_kernels.layernorm2d import layernorm2d
 from moce_kernels.patch_fft_conv import patch_fft_conv
 from moce_kernels.route import RoutingPlan, route
@@ -20,8 +23,12 @@ __all__ = [
     "combine",
     "dispatch",
     "grouped_dwconv",
+    "grouped_layernorm2d",
+    "grouped_patch_fft_conv",
+    "grouped_pointwise",
     "layernorm2d",
     "pack_dwconv_weights",
+    "pack_pointwise_weights",
     "pack_rows",
     "patch_fft_conv",
     "route",

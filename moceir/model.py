@@ -11,7 +11,7 @@ from torch import nn
 from moce_kernels._backend import check_available
 from moce_kernels._checks import FLOAT_DTYPES, check_finite, check_tensor
 from moceir.config import CONFIG_FIELDS, CONFIGS, MoCEIRConfig
-from moceir.layers.adapter import MoCELayer
+from moceir.layers.adapter import EXPERT_PATHS, MoCELayer
 from moceir.layers.blocks import (
     DecoderBlock,
     DecoderGroup,
@@ -124,6 +124,22 @@ class MoCEIR(nn.Module):
                 m.backend = backend
         return self
 
+    def set_expert_path(self, path: str) -> MoCEIR:
+        """How the adapters run their experts: "auto" (the default), "per_expert" or "sync_free".
+
+        "per_expert" runs each expert on its own images and reads their number on the host (one
+        synchronisation per adapter on a GPU); "sync_free" runs every expert over shapes that do
+        not depend on the routing (no host read with a fast backend: CUDA graphs can capture it
+        and torch.compile traces it without a break, at the cost of work on padding); "auto"
+        takes "sync_free" while compiling or capturing a CUDA graph, else "per_expert". The
+        outputs agree to rounding. Raises ValueError for another name.
+        """
+        if path not in EXPERT_PATHS:
+            raise ValueError(f"expert path must be one of {EXPERT_PATHS}, got {path!r}")
+        for adapter in self.adapters():
+            adapter.expert_path = path
+        return self
+
     def routing_choices(self) -> list[torch.Tensor]:
         """The experts chosen by the last forward: one [B, k] int64 tensor per adapter."""
         return [a.last_plan.experts for a in self.adapters() if a.last_plan is not None]
@@ -150,7 +166,10 @@ class MoCEIR(nn.Module):
                 f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast the input "
                 f"with x.to({weight.dtype}) (or the model with model.to({x.dtype}))"
             )
-        check_finite("x", x)
+        # Reading the check's result is a host sync: skipped while torch.compile traces (it
+        # would break the graph) and while a CUDA graph is captured (it would fail the capture).
+        if not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            check_finite("x", x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restore ``x`` ([B, 3, H, W], float, any H x W >= 1 x 1, in the model's dtype and on its

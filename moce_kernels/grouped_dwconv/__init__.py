@@ -8,6 +8,7 @@ import torch
 
 from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_kernel_size, check_shape, check_tensor
+from moce_kernels._grouping import check_offsets_on_host
 from moce_kernels.grouped_dwconv.reference import grouped_dwconv_reference, pack_dwconv_weights, pack_rows
 
 __all__ = ["grouped_dwconv", "grouped_dwconv_reference", "pack_dwconv_weights", "pack_rows"]
@@ -70,18 +71,14 @@ def grouped_dwconv(
         if not 1 <= c <= c_max:
             raise ValueError(f"channels[{e}] must be in 1..C_max = 1..{c_max}, got {c}")
     chosen = resolve_backend("grouped_dwconv", backend, x.device)
-    if chosen == "reference" or x.device.type == "cpu":
+    if chosen == "reference":
+        check_offsets_on_host(offsets, x.shape[0])
+        host_offsets = [int(o) for o in offsets.tolist()]
+        return grouped_dwconv_reference(x, weight, bias, host_offsets, channels, kernel_sizes)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         # Checking the values reads them on the host: free on the CPU, a sync on a GPU, where
         # the fast backends trust offsets that come from a RoutingPlan.
-        host_offsets = [int(o) for o in offsets.tolist()]
-        if (
-            host_offsets[0] != 0
-            or host_offsets[-1] != x.shape[0]
-            or any(a > b for a, b in zip(host_offsets[:-1], host_offsets[1:], strict=True))
-        ):
-            raise ValueError(f"offsets must rise from 0 to N = {x.shape[0]}, got {host_offsets}")
-        if chosen == "reference":
-            return grouped_dwconv_reference(x, weight, bias, host_offsets, channels, kernel_sizes)
+        check_offsets_on_host(offsets, x.shape[0])
     return implementation("grouped_dwconv", chosen)(
         x, weight, bias, offsets, list(channels), list(kernel_sizes)
     )

@@ -49,7 +49,9 @@ def route(
     if noise is not None:
         check_tensor("noise", noise, dtypes=FLOAT_DTYPES, device=logits.device)
         check_shape("noise", noise, logits.shape)
-    if check_values or (check_values is None and logits.device.type == "cpu"):
+    if check_values or (
+        check_values is None and logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    ):
         check_finite("logits", logits)
         if noise is not None:
             check_finite("noise", noise)

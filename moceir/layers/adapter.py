@@ -11,6 +11,10 @@ from torch import nn
 from moce_kernels import combine, dispatch, route
 from moce_kernels._backend import op_backend
 from moceir.layers.experts import ComplexityExpert, run_experts
+from moceir.layers.grouped_experts import run_experts_grouped
+
+#: How an adapter runs its experts (``MoCELayer.expert_path``).
+EXPERT_PATHS = ("auto", "per_expert", "sync_free")
 
 
 class Router(nn.Module):
@@ -89,6 +93,7 @@ class MoCELayer(nn.Module):
         self.complexity_bias = complexity_bias
         self.eval_noise = eval_noise
         self.backend = "auto"
+        self.expert_path = "auto"
         # The extra ModuleList level reproduces the official keys ``experts.<e>.0.*``.
         self.experts = nn.ModuleList(
             nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes, strict=True)
@@ -98,6 +103,25 @@ class MoCELayer(nn.Module):
         self.routing = Router(dim, freq_dim, num_experts, sizes / sizes.max())
         self.loss: torch.Tensor | None = None
         self.last_plan = None
+
+    def uses_sync_free_path(self, x: torch.Tensor) -> bool:
+        """Whether the experts run on the sync-free path for input ``x``.
+
+        ``expert_path``: "per_expert" runs each expert on its own rows (the row counts are read
+        on the host: one synchronisation per adapter on a GPU, the least work); "sync_free"
+        runs all of them over routing-independent shapes (no host read with a fast backend, a
+        fixed launch count, more work on padding); "auto" (the default) takes "sync_free" while
+        torch.compile traces or a CUDA graph is being captured with a fast backend, else
+        "per_expert".
+        """
+        if self.expert_path not in EXPERT_PATHS:
+            raise ValueError(f"expert_path must be one of {EXPERT_PATHS}, got {self.expert_path!r}")
+        if self.expert_path != "auto":
+            return self.expert_path == "sync_free"
+        if self.backend == "reference":
+            return False
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return torch.compiler.is_compiling() or capturing
 
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         logits = self.routing(x, freq_emb)  # [B, E]
@@ -114,7 +138,8 @@ class MoCELayer(nn.Module):
         else:
             self.loss = logits.new_zeros((), dtype=torch.float32)
         experts = [ex[0] for ex in self.experts]
-        y = run_experts(
+        run = run_experts_grouped if self.uses_sync_free_path(x) else run_experts
+        y = run(
             experts,
             dispatch(x, plan, backend=op_backend("dispatch", self.backend)),
             dispatch(shared, plan, backend=op_backend("dispatch", self.backend)),

@@ -1,0 +1,40 @@
+"""Pure-PyTorch definition of ``grouped_layernorm2d``: each row normalised over its own expert's
+channels, in the packed-by-rows layout (see ``moce_kernels._grouping``).
+
+Masked statistics over C_max channels: no host read and shapes that do not depend on the
+routing. Every row's statistics count only its expert's channels, so the result equals the
+expert's own LayerNorm on those channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moce_kernels._grouping import channel_mask, expert_one_hot, row_experts
+
+
+def grouped_layernorm2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    offsets: torch.Tensor,
+    channels: Sequence[int],
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """See :func:`moce_kernels.grouped_layernorm2d` (arguments are assumed valid here)."""
+    rows, c_max = x.shape[:2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mask = channel_mask(channels, c_max, x.device)  # [E, C_max]
+    row_mask = mask[row_experts(offsets, rows)][:, :, None, None]  # [N, C_max, 1, 1]
+    count = row_mask.sum(1, keepdim=True).to(acc)  # the row expert's channel count
+    xf = x.to(acc).masked_fill(~row_mask, 0)
+    mean = xf.sum(1, keepdim=True) / count
+    centred = (xf - mean).masked_fill(~row_mask, 0)
+    var = (centred * centred).sum(1, keepdim=True) / count  # population variance, as the official
+    select = expert_one_hot(offsets, rows, acc)  # [N, E]
+    w_rows = (select @ (weight.to(acc) * mask))[:, :, None, None]
+    b_rows = (select @ (bias.to(acc) * mask))[:, :, None, None]
+    y = centred / torch.sqrt(var + eps) * w_rows + b_rows  # zero past the expert's channels
+    return y.to(x.dtype)
