@@ -124,12 +124,12 @@ def test_gpu_backend_is_deterministic(backend, _deterministic_library_kernels):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_gpu_forward_syncs_only_for_the_expert_row_counts(backend):
-    """With the input check off, an eval forward reads the device only where the experts need
-    their row counts on the host: once per mixture layer (the fused, sync-free expert path is
-    not built yet; this pins the count so nothing else adds a sync)."""
+    """With the input check off, an eval forward on the per-expert path reads the device only
+    where the experts need their row counts on the host: once per mixture layer (this pins the
+    count so nothing else adds a sync)."""
     import warnings  # noqa: PLC0415
 
-    model = _model().set_backend(backend).eval()
+    model = _model().set_backend(backend).eval().set_expert_path("per_expert")
     model.check_inputs = False
     x = torch.rand(2, 3, 16, 24, device="cuda")
     with torch.no_grad():
@@ -145,3 +145,53 @@ def test_gpu_forward_syncs_only_for_the_expert_row_counts(backend):
             torch.cuda.set_sync_debug_mode(previous)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= len(model.adapters()), [str(w.message)[:120] for w in syncs]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_gpu_sync_free_path_never_synchronises(backend, train):
+    """On the sync-free path a forward (and in train mode its backward) runs with
+    ``set_sync_debug_mode("error")``: any host read raises."""
+    model = _model().set_backend(backend).train(train).set_expert_path("sync_free")
+    model.check_inputs = False  # the input's NaN check reads one boolean on the host
+    x = torch.rand(3, 3, 16, 24, device="cuda")
+    params = list(model.parameters())
+
+    def step():
+        out = model(x)
+        if train:
+            torch.autograd.grad(out.square().mean() + model.total_loss, params, allow_unused=True)
+        return out
+
+    step()  # warm-up: kernels load, per-configuration metadata reaches the device once
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_gpu_eval_forward_is_captured_by_a_cuda_graph(backend):
+    """With ``expert_path="auto"`` the adapters switch to the sync-free path while a CUDA graph
+    is captured; replaying the graph on a new input gives the eager output for that input."""
+    model = _model().set_backend(backend).eval()
+    static_x = torch.rand(2, 3, 16, 24, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs asks
+            model.set_expert_path("sync_free")(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    model.set_expert_path("auto")
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(static_x)
+    x = torch.rand_like(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    with torch.no_grad():
+        want = model(x)  # eager: the per-expert path
+    torch.testing.assert_close(static_out, want, atol=1e-4, rtol=1e-4)
