@@ -14,7 +14,9 @@ Workloads (GPU sizes; ``--quick``, ``--tiny`` and the CPU scale them down and sa
 Providers: every model backend that runs here (``model.set_backend``: reference, auto, cuda /
 cpu, triton) in eager mode, ``compiled-reference``: ``torch.compile`` of the reference, and
 ``compiled-auto``: ``torch.compile`` of the fastest backend (on GPU; on the CPU only with
-``--compile``). Peak memory (GPU) is ``max_memory_allocated``
+``--compile``), ``auto-sync-free``: the fastest backend with the adapters on the sync-free expert
+path (``model.set_expert_path("sync_free")``), and ``graphed-auto`` (GPU, inference and video
+only): that forward captured once in a CUDA graph and replayed. Peak memory (GPU) is ``max_memory_allocated``
 over one call.
 """
 
@@ -120,6 +122,10 @@ def workloads(device: torch.device, size: str) -> list[Workload]:
 COMPILE_NEEDS_S = 90.0
 #: ``torch.compile`` providers: "compiled-<backend>" compiles the model set to that backend.
 COMPILED_PROVIDERS = ("compiled-reference", "compiled-auto")
+#: The fastest backend with the adapters on the sync-free expert path, eager.
+SYNC_FREE_PROVIDER = "auto-sync-free"
+#: The same forward captured in a CUDA graph and replayed (inference workloads, GPU).
+GRAPHED_PROVIDER = "graphed-auto"
 #: Main workloads: every eager provider runs these before anything else.
 MAIN_WORKLOADS = 3
 
@@ -385,7 +391,41 @@ def model_providers(model: moceir.MoCEIR, device: torch.device) -> tuple[list[st
             unavailable[backend] = f"{type(e).__name__}: {e}"[:300]
         finally:
             model.set_backend("reference")
+    if "auto" in usable:
+        usable.append(SYNC_FREE_PROVIDER)
+        if device.type == "cuda":
+            usable.append(GRAPHED_PROVIDER)
+        else:
+            unavailable[GRAPHED_PROVIDER] = "CUDA graphs need a CUDA GPU"
     return usable, unavailable
+
+
+def _backend_of(provider: str) -> str:
+    """The model backend a provider runs: "compiled-cuda" -> "cuda", "auto-sync-free" -> "auto"."""
+    if provider in (SYNC_FREE_PROVIDER, GRAPHED_PROVIDER):
+        return "auto"
+    return provider.removeprefix("compiled-")
+
+
+def _graphed(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Capture ``model(x)`` (inference) in a CUDA graph; the returned function replays it.
+
+    The adapters take the sync-free expert path while the graph is captured ("auto")."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on a side stream: kernels load, metadata reaches the GPU
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = model(x)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -441,12 +481,11 @@ class ModelBench:
     def _inference_fn(self, wl: Workload, provider: str):
         model = self.inference_model(wl.precision)
         x = torch.rand(wl.shape, device=self.device).to(_dtype(wl.precision))
-        if provider.startswith("compiled-"):
-            model.set_backend(provider.removeprefix("compiled-"))
-            runner = _compile(model)
-        else:
-            model.set_backend(provider)
-            runner = model
+        model.set_backend(_backend_of(provider))
+        model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
+        if provider == GRAPHED_PROVIDER:
+            return model, _graphed(model, x)
+        runner = _compile(model) if provider.startswith("compiled-") else model
 
         def fn():
             with torch.inference_mode():
@@ -455,8 +494,11 @@ class ModelBench:
         return model, fn
 
     def _training_fn(self, wl: Workload, provider: str):
+        if provider == GRAPHED_PROVIDER:
+            raise NotImplementedError("graphed-auto times inference only (a training step is not captured)")
         model = copy.deepcopy(self.base).train()
-        model.set_backend(provider.removeprefix("compiled-"))
+        model.set_backend(_backend_of(provider))
+        model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
         runner = _compile(model) if provider.startswith("compiled-") else model
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         x = torch.rand(wl.shape, device=self.device)
@@ -494,7 +536,7 @@ class ModelBench:
         }
         if wl.kind == "video":
             row["frames_per_s"] = 1e3 / t.median_ms
-            if not provider.startswith("compiled-"):
+            if not provider.startswith("compiled-") and provider != GRAPHED_PROVIDER:
                 row |= self._video_extras(wl, model, fn, provider)
                 row["roofline_fraction"] = row["roofline_ms"] / t.median_ms
         if wl.kind == "training":
@@ -558,6 +600,9 @@ def run_models(
         }
         if wl.scaled_from:
             base["scaled_from"] = list(wl.scaled_from)
+        if provider == GRAPHED_PROVIDER and wl.kind == "training":
+            emit(base | {"status": "skipped", "error": "graphed-auto times inference only"})
+            continue
         compiling = provider.startswith("compiled-") and size != "tiny"
         # An eager job needs about what the reference took on this workload (before it has run:
         # what the last job took), twice over for safety.
