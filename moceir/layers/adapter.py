@@ -94,6 +94,7 @@ class MoCELayer(nn.Module):
         self.eval_noise = eval_noise
         self.backend = "auto"
         self.expert_path = "auto"
+        self._packed_experts: dict = {}  # the sync-free path's packed parameters, in eval
         # The extra ModuleList level reproduces the official keys ``experts.<e>.0.*``.
         self.experts = nn.ModuleList(
             nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes, strict=True)
@@ -138,8 +139,7 @@ class MoCELayer(nn.Module):
         else:
             self.loss = logits.new_zeros((), dtype=torch.float32)
         experts = [ex[0] for ex in self.experts]
-        run = run_experts_grouped if self.uses_sync_free_path(x) else run_experts
-        y = run(
+        inputs = (
             experts,
             dispatch(x, plan, backend=op_backend("dispatch", self.backend)),
             dispatch(shared, plan, backend=op_backend("dispatch", self.backend)),
@@ -147,4 +147,8 @@ class MoCELayer(nn.Module):
             self.expert_depth,
             self.backend,
         )
+        if self.uses_sync_free_path(x):
+            y = run_experts_grouped(*inputs, cache=self._packed_experts)
+        else:
+            y = run_experts(*inputs)
         return self.proj_out(combine(y, plan, backend=op_backend("combine", self.backend)))

@@ -101,3 +101,26 @@ def test_set_expert_path_rejects_unknown_names():
     model.adapters()[0].expert_path = "fastest"
     with pytest.raises(ValueError, match="expert_path must be one of"):
         model(torch.rand(1, 3, 8, 8))
+
+
+def test_eval_reuses_packed_parameters_until_a_weight_changes():
+    model = _model().eval().set_expert_path("sync_free")
+    adapter = model.adapters()[0]
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        first = model(x)
+        packed = adapter._packed_experts["packed"]
+        torch.testing.assert_close(model(x), first, atol=0, rtol=0)
+        assert adapter._packed_experts["packed"] is packed, "a second eval forward packed again"
+        for ex in adapter.experts:
+            ex[0].proj[2].weight.mul_(2)  # in place: the cache must notice
+        changed = model(x)
+    assert adapter._packed_experts["packed"] is not packed
+    torch.testing.assert_close(changed, model.set_expert_path("per_expert")(x).detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(changed, first)
+
+
+def test_training_forward_packs_inside_the_autograd_graph():
+    model = _model().train().set_expert_path("sync_free")
+    model(torch.rand(2, 3, 16, 16))
+    assert not model.adapters()[0]._packed_experts, "a forward with gradients must not cache"
