@@ -31,6 +31,7 @@ from benchmarks.common import (
     rel_error,
     roofline_ms,
 )
+from moce_kernels.grouped_pointwise import grouped_pointwise
 
 NUM_EXPERTS = 4
 #: Expert of each of the 8 images (k = 1): counts 3, 2, 2, 1, cheapest expert most used.
@@ -228,6 +229,76 @@ def bench_grouped_dwconv(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def _pointwise_bench(
+    name: str,
+    batch_rows: list[int],
+    in_channels: list[int],
+    out_channels: list[int],
+    side: int,
+    device,
+    dtype,
+    *,
+    bias: bool,
+) -> Bench:
+    """One ``grouped_pointwise`` call: expert e maps its rows' first in_channels[e] channels to
+    out_channels[e] (packed weight [E, Cout_max, Cin_max], zeros outside each expert's block)."""
+    c_in, c_out, rows = max(in_channels), max(out_channels), sum(batch_rows)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(len(in_channels), c_out, c_in)
+    packed_bias = torch.zeros(len(in_channels), c_out)
+    for e, (i, o) in enumerate(zip(in_channels, out_channels, strict=True)):
+        weight[e, :o, :i] = torch.randn(o, i, generator=gen) / math.sqrt(i)
+        packed_bias[e, :o] = torch.randn(o, generator=gen)
+    w = weight.to(device=device, dtype=dtype).requires_grad_(True)
+    b = packed_bias.to(device=device, dtype=dtype).requires_grad_(True) if bias else None
+    offsets = torch.tensor([0, *torch.tensor(batch_rows).cumsum(0).tolist()], device=device)
+    x = _rand((rows, c_in, side, side), device, dtype)
+    plane, el = side * side, x.element_size()
+    # Each row reads its expert's input channels and writes the whole output row (channels past
+    # an expert's width are zeros by contract). Backward reads grad_out on the active output
+    # channels and x on the active input channels, and writes every input gradient.
+    active_in = sum(n * i for n, i in zip(batch_rows, in_channels, strict=True)) * plane * el
+    active_out = sum(n * o for n, o in zip(batch_rows, out_channels, strict=True)) * plane * el
+    full_out, params = rows * c_out * plane * el, nbytes(w, b)
+    fwd_flops = sum(
+        2 * n * i * o * plane for n, i, o in zip(batch_rows, in_channels, out_channels, strict=True)
+    )
+    return Bench(
+        op="grouped_pointwise",
+        case=name,
+        shape=list(x.shape),
+        forward=lambda p: grouped_pointwise(x, w, b, offsets, in_channels, out_channels, backend=p),
+        diff_outputs=lambda o: [o],
+        all_outputs=lambda o: [o],
+        inputs=[x, w] + ([b] if bias else []),
+        bytes_moved=_with_full(
+            active_in + params + full_out, active_out + active_in + params + nbytes(x) + params
+        ),
+        flops=_full_flops(fwd_flops, 2 * fwd_flops),
+    )
+
+
+def bench_grouped_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The experts' 1x1 convolutions at each level, every expert in one call (k = 1): the input
+    projections C -> r and output projections r -> C, the kv projection r -> 2r, and the
+    attention's output projection r -> r (with bias), for ranks r = C/8, C/4, C/2, C."""
+    out = []
+    rows = _spread(sizes.batch)
+    for level, (width, side) in sizes.levels.items():
+        ranks = [max(1, width // 8), max(1, width // 4), max(1, width // 2), width]
+        cases = {
+            "experts_in": ([width] * 4, ranks, False),
+            "experts_out": (ranks, [width] * 4, False),
+            "experts_kv": (ranks, [2 * r for r in ranks], False),
+            "experts_proj": (ranks, ranks, True),
+        }
+        if sizes.quick:
+            cases = {k: cases[k] for k in ("experts_in", "experts_proj")}
+        for case, (c_in, c_out, bias) in cases.items():
+            out.append(_pointwise_bench(f"{level}.{case}", rows, c_in, c_out, side, device, dtype, bias=bias))
+    return out
+
+
 def bench_layernorm2d(sizes: Sizes, device, dtype) -> list[Bench]:
     out = []
     for level, (width, side) in sizes.levels.items():
@@ -299,10 +370,13 @@ SETUPS = {
     "dispatch": bench_dispatch,
     "combine": bench_combine,
     "grouped_dwconv": bench_grouped_dwconv,
+    "grouped_pointwise": bench_grouped_pointwise,
     "layernorm2d": bench_layernorm2d,
     "patch_fft_conv": bench_patch_fft_conv,
 }
-assert tuple(SETUPS) == OPS
+# Every op of the contract has a setup. grouped_pointwise's comes before benchmarks.common.OPS
+# (and with it run.py's --ops and the report) lists the op.
+assert set(OPS) <= set(SETUPS), set(OPS) - set(SETUPS)
 
 
 def _mode_fn(bench: Bench, provider: str, mode: str) -> Callable[[], object]:

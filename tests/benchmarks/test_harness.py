@@ -102,6 +102,41 @@ def test_bytes_moved_are_the_kernels_inputs_and_outputs():
     assert ln.bytes_moved["forward"] == 2 * x.numel() * 2 + 2 * w.numel() * 2
 
 
+def test_grouped_pointwise_setup_runs_and_counts_active_channels(monkeypatch):
+    """grouped_pointwise's setup, which the OPS-driven tests above skip until benchmarks.common.OPS
+    lists the op: every mode at toy sizes, its bytes, and the Triton provider's forward and
+    gradients (the interpreter here) against the reference's."""
+
+    def one_call(fn, device, **kwargs):  # the harness's logic, not the timer's: one call each
+        fn()
+        return common.Timing(1.0, 0.9, 1.1, 1)
+
+    monkeypatch.setattr(ops, "measure", one_call)
+    cpu = torch.device("cpu")
+    rows: list[dict] = []
+    ceil = {"copy_gb_per_s": 10.0, "matmul_tflops": {"float32": 0.1}}
+    ops.run_op("grouped_pointwise", cpu, [torch.float32], "tiny", ceil, rows.append, common.Deadline())
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert {r["mode"] for r in rows} == set(ops.MODES)
+    benches = ops.bench_grouped_pointwise(ops.SIZES["tiny"], cpu, torch.float32)
+    assert [b.case for b in benches] == ["dec2.experts_in", "dec2.experts_proj"]
+    # Rows 1, 1, 0, 0 on ranks 1, 2, 4, 8 of width 8 at 16 x 16: experts_in reads 8 channels of
+    # each row and writes 8 (Cout_max) of each; the weight is [4, 8, 8], no bias.
+    experts_in = benches[0]
+    plane = 16 * 16 * 4
+    assert experts_in.bytes_moved["forward"] == 2 * 8 * plane + 4 * 8 * 8 * 4 + 2 * 8 * plane
+    assert len(benches[1].inputs) == 3  # x, weight, bias
+    for bench in benches:
+        for got, want in zip(
+            ops._gradients(bench, "triton"), ops._gradients(bench, "reference"), strict=True
+        ):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                bench.forward("triton"), bench.forward("reference"), atol=1e-5, rtol=1e-5
+            )
+
+
 def test_expired_deadline_skips_and_says_so():
     rows: list[dict] = []
     ceil = {"copy_gb_per_s": 10.0, "matmul_tflops": {}}
