@@ -374,9 +374,7 @@ SETUPS = {
     "layernorm2d": bench_layernorm2d,
     "patch_fft_conv": bench_patch_fft_conv,
 }
-# Every op of the contract has a setup. grouped_pointwise's comes before benchmarks.common.OPS
-# (and with it run.py's --ops and the report) lists the op.
-assert set(OPS) <= set(SETUPS), set(OPS) - set(SETUPS)
+assert tuple(SETUPS) == OPS, "every op of benchmarks.common.OPS has a setup, in that order"
 
 
 def _mode_fn(bench: Bench, provider: str, mode: str) -> Callable[[], object]:

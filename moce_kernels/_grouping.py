@@ -25,12 +25,17 @@ def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return expert.clamp_(max=max(num_experts - 1, 0))
 
 
-def expert_one_hot(offsets: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """[rows, E] in ``dtype``: 1 where the row belongs to the expert. A matmul with it selects
-    each row's per-expert parameters; its gradient sums each expert's rows in a fixed order."""
-    num_experts = offsets.shape[0] - 1
-    experts = torch.arange(num_experts, device=offsets.device)
-    return (row_experts(offsets, rows)[:, None] == experts).to(dtype)
+def per_row(params: torch.Tensor, offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, ...]: each row's expert's slice of ``params`` ([E, ...]), without a host read.
+
+    A select-and-sum over the experts rather than a gather, so that the gradient sums each
+    expert's rows in a fixed order (no atomics), and rather than a one-hot matmul, so that a
+    NaN / Inf in one expert's parameters reaches only that expert's rows.
+    """
+    num_experts = params.shape[0]
+    mine = row_experts(offsets, rows)[:, None] == torch.arange(num_experts, device=params.device)
+    mine = mine.view(rows, num_experts, *([1] * (params.dim() - 1)))
+    return torch.where(mine, params.unsqueeze(0), 0).sum(1)
 
 
 @functools.lru_cache(maxsize=256)

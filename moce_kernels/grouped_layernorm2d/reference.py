@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moce_kernels._grouping import channel_mask, expert_one_hot, row_experts
+from moce_kernels._grouping import channel_mask, per_row, row_experts
 
 
 def grouped_layernorm2d_reference(
@@ -33,8 +33,7 @@ def grouped_layernorm2d_reference(
     mean = xf.sum(1, keepdim=True) / count
     centred = (xf - mean).masked_fill(~row_mask, 0)
     var = (centred * centred).sum(1, keepdim=True) / count  # population variance, as the official
-    select = expert_one_hot(offsets, rows, acc)  # [N, E]
-    w_rows = (select @ (weight.to(acc) * mask))[:, :, None, None]
-    b_rows = (select @ (bias.to(acc) * mask))[:, :, None, None]
+    w_rows = per_row(weight.to(acc).masked_fill(~mask, 0), offsets, rows)[:, :, None, None]
+    b_rows = per_row(bias.to(acc).masked_fill(~mask, 0), offsets, rows)[:, :, None, None]
     y = centred / torch.sqrt(var + eps) * w_rows + b_rows  # zero past the expert's channels
     return y.to(x.dtype)

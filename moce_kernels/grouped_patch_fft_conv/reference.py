@@ -10,12 +10,13 @@ expert's rows) does the minimum but must learn the row counts on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from moce_kernels._grouping import channel_mask, expert_one_hot, row_experts
+from moce_kernels._grouping import channel_mask, row_experts
 from moce_kernels.patch_fft_conv.reference import patch_fft_conv_reference
 
 
@@ -31,15 +32,17 @@ def grouped_patch_fft_conv_reference(
     if q.numel() == 0:  # the FFT libraries reject empty batches; nothing to transform
         return q.float() * 0 + k.float() * 0
     mask = channel_mask(channels, c_max, q.device)  # [E, C_max]
-    row_mask = mask[row_experts(offsets, rows)][:, :, None, None]
+    experts_of_rows = row_experts(offsets, rows)
+    row_mask = mask[experts_of_rows][:, :, None, None]
     q = q.masked_fill(~row_mask, 0)  # channels an expert does not own are ignored
     k = k.masked_fill(~row_mask, 0)
-    select = expert_one_hot(offsets, rows, torch.bool)  # [N, E]
     out = q.new_zeros(q.shape, dtype=torch.float32)
     for patch in sorted(set(patch_sizes)):
         experts = [e for e, p in enumerate(patch_sizes) if p == patch]
         width = max(channels[e] for e in experts)
         fft = patch_fft_conv_reference(q[:, :width], k[:, :width], patch)  # [N, width, H, W]
-        mine = select[:, experts].any(1)[:, None, None, None]  # rows of this patch size
+        # Rows of this patch size; compared with Python ints: no host-to-device copy (capturable).
+        mine = functools.reduce(torch.logical_or, [experts_of_rows == e for e in experts])
+        mine = mine[:, None, None, None]
         out = torch.where(mine, F.pad(fft, (0, 0, 0, 0, 0, c_max - width)), out)
     return out

@@ -1,8 +1,8 @@
 """Pure-PyTorch definition of ``grouped_pointwise``: the 1x1 convolutions of several experts of
 different widths at once, in the packed-by-rows layout (see ``moce_kernels._grouping``).
 
-It is written without host reads: every row takes its expert's weight through a one-hot matmul
-and one batched GEMM (MKL / cuBLAS) does the work, over shapes that do not depend on the routing.
+It is written without host reads: every row takes its expert's weight (``per_row``) and one
+batched GEMM (MKL / cuBLAS) does the work, over shapes that do not depend on the routing.
 The price is the padding: every row pays for the widest expert's channels.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from moce_kernels._grouping import channel_mask, expert_one_hot, row_experts
+from moce_kernels._grouping import channel_mask, per_row, row_experts
 
 
 def grouped_pointwise_reference(
@@ -31,13 +31,12 @@ def grouped_pointwise_reference(
     out_mask = channel_mask(out_channels, c_out, x.device)  # [E, C_out]
     # Entries outside an expert's (out, in) block are ignored: zero them, and zero the input
     # channels the row's expert does not read (so that NaN there cannot leak in).
-    w = weight * (out_mask[:, :, None] & in_mask[:, None, :]).to(weight.dtype)
-    select = expert_one_hot(offsets, rows, x.dtype)  # [N, E]
-    w_rows = (select @ w.reshape(num_experts, -1)).view(rows, c_out, c_in)
+    w = weight.masked_fill(~(out_mask[:, :, None] & in_mask[:, None, :]), 0)
+    w_rows = per_row(w, offsets, rows)  # [N, C_out, C_in]
     x = x.masked_fill(~in_mask[row_experts(offsets, rows)][:, :, None, None], 0)
     y = torch.bmm(w_rows, x.reshape(rows, c_in, height * width)).view(rows, c_out, height, width)
     if bias is not None:
-        b_rows = select @ (bias * out_mask.to(bias.dtype))  # [N, C_out]
+        b_rows = per_row(bias.masked_fill(~out_mask, 0), offsets, rows)  # [N, C_out]
         y = y + b_rows[:, :, None, None]
     return y
 

@@ -60,6 +60,15 @@ def test_sync_free_path_matches_per_expert_path(backend, train, batch, top_k, si
     _assert_same(model, got, want)
 
 
+@pytest.mark.skipif(not is_available("triton"), reason="Triton cannot run here")
+def test_sync_free_path_on_triton_matches_per_expert_path():
+    """The Triton kernels (the interpreter on the CPU): grouped_pointwise's grouped GEMM and
+    grouped_dwconv, one training step (the interpreter is slow: one case)."""
+    model = _model(top_k=2).set_backend("triton")
+    x = torch.rand(5, 3, 16, 24)
+    _assert_same(model, _run(model, x, "sync_free", True), _run(model, x, "per_expert", True))
+
+
 def test_sync_free_path_chains_experts_at_depth_2():
     model = _model(expert_depth=2)
     x = torch.rand(3, 3, 16, 16)

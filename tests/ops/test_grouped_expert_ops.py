@@ -336,3 +336,17 @@ def test_pack_pointwise_weights_rejects_missing_biases_and_empty_lists():
         pack_pointwise_weights([torch.zeros(2, 3), torch.zeros(4, 3)], [torch.zeros(2), None])
     with pytest.raises(ValueError, match="at least one expert"):
         pack_pointwise_weights([])
+
+
+def test_nan_in_one_experts_parameters_reaches_only_its_rows():
+    """As with a per-expert loop: each row reads only its own expert's weights."""
+    channels, counts, offsets = (3, 4), (2, 2), _offsets((2, 2))
+    x = _rows(channels, counts, 3, 3)
+    weight = torch.randn(2, 5, 4)
+    weight[0, 0, 0] = math.nan  # an entry expert 0 uses
+    y = grouped_pointwise(x, weight, torch.randn(2, 5), offsets, list(channels), [5, 5])
+    assert y[:2].isnan().any() and not y[2:].isnan().any()
+    ln_weight = torch.ones(2, 4)
+    ln_weight[1, 0] = math.inf
+    z = grouped_layernorm2d(x, ln_weight, torch.zeros(2, 4), offsets, list(channels))
+    assert not z[:2].isnan().any() and not z[:2].isinf().any()
