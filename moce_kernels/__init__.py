@@ -8,6 +8,7 @@ from moce_kernels._backend import BACKENDS
 from moce_kernels._extension import build_summary
 from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
+from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
 from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
 from moce_kernels.grouped_patch_fft_conv import grouped_patch_fft_conv
@@ -22,6 +23,7 @@ __all__ = [
     "build_summary",
     "combine",
     "dispatch",
+    "dwconv_gelu_gate",
     "grouped_dwconv",
     "grouped_layernorm2d",
     "grouped_patch_fft_conv",
