@@ -348,6 +348,7 @@ class Trainer:
         log_every: int = 10,
         tensorboard: bool = True,
         progress: bool = True,
+        compile_model: bool = False,
     ) -> None:
         self.dist = dist_info or Dist()
         self.model = model.to(device).train()
@@ -370,6 +371,12 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if compile_model:
+            # With a fast backend the forward is one graph: the adapters take the sync-free expert
+            # path while compiling, whose shapes do not depend on the routing, so a new routing
+            # never recompiles. The module attributes a forward sets (routing plans, the aux
+            # loss) are side effects torch.compile replays after each call.
+            self.net = torch.compile(self.net)
         self.step_count = 0
         self._loader_iter = None
         self._writer = None
@@ -725,6 +732,7 @@ def _run(args: argparse.Namespace, dist_info: Dist, device: torch.device) -> int
         log_every=args.log_every,
         tensorboard=not args.no_tensorboard,
         progress=not args.quiet,
+        compile_model=args.compile,
     )
     if ckpt is not None:
         trainer.resume(ckpt)
@@ -874,6 +882,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=10, help="log.csv / TensorBoard every N steps")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard scalars even if installed")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (one graph with a fast backend; the first steps compile)",
+    )
     parser.set_defaults(func=run)
     _DEFAULTS.update({a: parser.get_default(a) for a in RECIPE_ARGS})
     _DEFAULTS["tasks"] = [canonical_task(t) for t in _DEFAULTS["tasks"]]

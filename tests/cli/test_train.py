@@ -258,3 +258,30 @@ def test_restore_and_test_accept_a_training_run_folder(official_data, uninterrup
     assert main([*args, str(stopped), "--overwrite"]) == 0  # its latest checkpoint
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["weights"].endswith("step_00000001/model.safetensors")
+
+
+def test_compile_trains_one_graph_to_the_eager_weights(official_data, tmp_path, monkeypatch):
+    """``--compile`` wraps the model in torch.compile; with a fast backend a training forward is
+    one graph (``fullgraph=True`` here: any break fails) and the run reaches the eager run's
+    weights (the sync-free and per-expert expert paths agree to rounding)."""
+    from moce_kernels._backend import is_available  # noqa: PLC0415
+
+    if not is_available("cpu"):
+        pytest.skip("moce_kernels._C is not built")
+    compiled = []
+    real_compile = torch.compile
+
+    def aot_eager_compile(model, **kwargs):  # Inductor's C++ build would take minutes here
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(train_mod.torch, "compile", aot_eager_compile)
+    eager, graphed = tmp_path / "eager", tmp_path / "compiled"
+    assert main(train_args(official_data, eager, "--backend", "cpu", steps=2)) == 0
+    assert not compiled
+    assert main(train_args(official_data, graphed, "--backend", "cpu", "--compile", steps=2)) == 0
+    assert len(compiled) == 1
+    a, b = weights(graphed / "model.safetensors"), weights(eager / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
