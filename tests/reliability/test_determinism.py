@@ -13,9 +13,10 @@ import moceir
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
 
 
-def train_step(backend: str, seed: int = 0):
+def train_step(backend: str, seed: int = 0, expert_path: str = "auto"):
     torch.manual_seed(seed)
     model = moceir.build_model("moce_ir_s", backend=backend, **SMALL).train()
+    model.set_expert_path(expert_path)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     x = torch.rand(3, 3, 24, 16)
     target = torch.rand(3, 3, 24, 16)
@@ -27,9 +28,11 @@ def train_step(backend: str, seed: int = 0):
     return out.detach(), loss.detach(), grads, [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_training_step_is_bitwise_reproducible(backend):
-    first, second = train_step(backend), train_step(backend)
+@pytest.mark.parametrize(
+    ("backend", "expert_path"), [("reference", "auto"), ("auto", "per_expert"), ("auto", "sync_free")]
+)
+def test_training_step_is_bitwise_reproducible(backend, expert_path):
+    first, second = train_step(backend, expert_path=expert_path), train_step(backend, expert_path=expert_path)
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1], second[1])
     for a, b in zip(first[2], second[2], strict=True):
