@@ -133,3 +133,73 @@ def test_dispatch_and_combine(op, batch, num_experts, pattern, feat, dtype, kind
     ref = fn(x, plan, backend="reference")
     for backend in backends:
         close(fn(layout(x, kind), plan, backend=backend), ref, dtype)
+
+
+def _packed_rows(data, num_experts: int, rows: int, max_channels: int):
+    """Per-expert channel counts, offsets with random cuts (empty experts included), a generator."""
+    channels = [data.draw(st.integers(1, max_channels)) for _ in range(num_experts)]
+    cuts = sorted(
+        data.draw(st.lists(st.integers(0, rows), min_size=num_experts - 1, max_size=num_experts - 1))
+    )
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    return channels, torch.tensor([0, *cuts, rows]), g
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("grouped_pointwise"))
+@given(
+    num_experts=st.integers(1, 4),
+    rows=st.integers(0, 5),
+    hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_grouped_pointwise(backend, num_experts, rows, hw, dtype, kind, data):
+    c_in, offsets, g = _packed_rows(data, num_experts, rows, 20)
+    c_out = [data.draw(st.integers(1, 20)) for _ in range(num_experts)]
+    x = torch.randn(rows, max(c_in), *hw, generator=g).to(dtype)
+    weight = (torch.randn(num_experts, max(c_out), max(c_in), generator=g) / 4).to(dtype)
+    bias = torch.randn(num_experts, max(c_out), generator=g).to(dtype) if data.draw(st.booleans()) else None
+    out = mk.grouped_pointwise(layout(x, kind), weight, bias, offsets, c_in, c_out, backend=backend)
+    ref = mk.grouped_pointwise(x, weight, bias, offsets, c_in, c_out, backend="reference")
+    atol, rtol = TOL[dtype]
+    # A sum over up to 20 products: float32 / bf16 rounding grows with it.
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol * 5, rtol=rtol * 2)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("grouped_layernorm2d"))
+@given(
+    num_experts=st.integers(1, 4),
+    rows=st.integers(0, 5),
+    hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_grouped_layernorm2d(backend, num_experts, rows, hw, dtype, kind, data):
+    channels, offsets, g = _packed_rows(data, num_experts, rows, 24)
+    x = torch.randn(rows, max(channels), *hw, generator=g).to(dtype)
+    w = torch.randn(num_experts, max(channels), generator=g)
+    b = torch.randn(num_experts, max(channels), generator=g)
+    out = mk.grouped_layernorm2d(layout(x, kind), w, b, offsets, channels, backend=backend)
+    ref = mk.grouped_layernorm2d(x, w, b, offsets, channels, backend="reference")
+    close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("dwconv_gelu_gate"))
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 11), st.integers(1, 11)),
+    kernel=st.sampled_from([3, 5, 7, 9]),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_dwconv_gelu_gate(backend, shape, kernel, dtype, kind, data):
+    batch, half, height, width = shape
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    x = torch.randn(batch, 2 * half, height, width, generator=g).to(dtype)
+    weight = (torch.randn(2 * half, kernel, kernel, generator=g) / kernel).to(dtype)
+    bias = torch.randn(2 * half, generator=g).to(dtype) if data.draw(st.booleans()) else None
+    out = mk.dwconv_gelu_gate(layout(x, kind), weight, bias, backend=backend)
+    ref = mk.dwconv_gelu_gate(x, weight, bias, backend="reference")
+    close(out, ref, dtype)
