@@ -103,10 +103,10 @@ def workloads(device: torch.device, size: str) -> list[Workload]:
         ]
     # A 2-core CPU: the same workloads scaled down (a CPU training step at batch 8, 128 x 128 takes
     # minutes), fp32 only.
-    if size == "quick":
+    if size == "quick":  # compile=True: timed compiled too when --compile asks for it
         return [
-            Workload("inference", 1, 128, 128, "float32"),
-            Workload("training", 1, 64, 64, "float32"),
+            Workload("inference", 1, 128, 128, "float32", compile=True),
+            Workload("training", 1, 64, 64, "float32", compile=True),
             _video("float32", scale=8),
         ]
     return [
