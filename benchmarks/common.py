@@ -29,7 +29,16 @@ from moce_kernels import _backend, _extension
 #: Version of the result-file layout (benchmarks/report.py reads it).
 SCHEMA = 1
 #: The ops of the contract, in the order the harness runs them.
-OPS = ("route", "dispatch", "combine", "grouped_dwconv", "grouped_pointwise", "layernorm2d", "patch_fft_conv")
+OPS = (
+    "route",
+    "dispatch",
+    "combine",
+    "grouped_dwconv",
+    "grouped_layernorm2d",
+    "grouped_pointwise",
+    "layernorm2d",
+    "patch_fft_conv",
+)
 #: Concrete non-reference backends, in the order they are reported.
 FAST_BACKENDS = ("triton", "cuda", "cpu")
 ROOT = Path(__file__).resolve().parent.parent

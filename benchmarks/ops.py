@@ -31,6 +31,7 @@ from benchmarks.common import (
     rel_error,
     roofline_ms,
 )
+from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
 from moce_kernels.grouped_pointwise import grouped_pointwise
 
 NUM_EXPERTS = 4
@@ -42,17 +43,19 @@ MODES = ("forward", "backward", "full")
 
 @dataclass
 class Sizes:
-    """Batch and decoder levels {name: (width C, side S)} of one benchmark size."""
+    """Batch and decoder levels {name: (width C, side S)} of one benchmark size; ``expert_width``:
+    the C whose experts' ranks C/8 .. C the sync-free expert path's LayerNorm runs over."""
 
     batch: int
     levels: dict[str, tuple[int, int]]
     quick: bool = False
+    expert_width: int = 96
 
 
 SIZES = {
     "full": Sizes(8, {"dec0": (128, 32), "dec1": (64, 64), "dec2": (32, 128)}),
     "quick": Sizes(8, {"dec2": (32, 128)}, quick=True),
-    "tiny": Sizes(2, {"dec2": (8, 16)}, quick=True),
+    "tiny": Sizes(2, {"dec2": (8, 16)}, quick=True, expert_width=8),
 }
 
 
@@ -229,6 +232,45 @@ def bench_grouped_dwconv(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def bench_grouped_layernorm2d(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The sync-free expert path's LayerNorm, every expert in one call (k = 1): each row's
+    expert normalises its first r channels of the FFT output, r = C/8, C/4, C/2, C for
+    C = ``sizes.expert_width``, at the widest level's side (8 rows of 96 channels at 128 x 128 for
+    "full" and "quick"). x is float32 whatever the dtype (the FFT's output); ``dtype`` is the
+    parameters' (packed [E, C], zeros past each expert's rank, as the model packs them)."""
+    rows = _spread(sizes.batch)
+    width, side = sizes.expert_width, sizes.levels[list(sizes.levels)[-1]][1]
+    ranks = [max(1, width // 8), max(1, width // 4), max(1, width // 2), width]
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.zeros(len(ranks), width), torch.zeros(len(ranks), width)
+    for e, r in enumerate(ranks):
+        weight[e, :r] = 1 + 0.1 * torch.randn(r, generator=gen)
+        bias[e, :r] = 0.1 * torch.randn(r, generator=gen)
+    w = weight.to(device=device, dtype=dtype).requires_grad_(True)
+    b = bias.to(device=device, dtype=dtype).requires_grad_(True)
+    offsets = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], device=device)
+    x = _rand((sum(rows), width, side, side), device, torch.float32)
+    # Each row reads its expert's channels and writes the whole row (zeros past its rank).
+    # Backward reads grad_out and x on the active channels and writes the whole grad x, and the
+    # parameters' gradients. The per-pixel statistics are not counted: a kernel could recompute
+    # them (the Triton one saves them, 2 / r of the row's bytes).
+    active = sum(n * r for n, r in zip(rows, ranks, strict=True)) * side * side
+    params = nbytes(w, b)
+    return [
+        Bench(
+            op="grouped_layernorm2d",
+            case=f"experts_c{width}.{side}px",
+            shape=list(x.shape),
+            forward=lambda p: grouped_layernorm2d(x, w, b, offsets, ranks, backend=p),
+            diff_outputs=lambda o: [o],
+            all_outputs=lambda o: [o],
+            inputs=[x, w, b],
+            bytes_moved=_with_full(4 * active + params + nbytes(x), 2 * 4 * active + nbytes(x) + 2 * params),
+            flops=_full_flops(8 * active, 12 * active),
+        )
+    ]
+
+
 def _pointwise_bench(
     name: str,
     batch_rows: list[int],
@@ -370,6 +412,7 @@ SETUPS = {
     "dispatch": bench_dispatch,
     "combine": bench_combine,
     "grouped_dwconv": bench_grouped_dwconv,
+    "grouped_layernorm2d": bench_grouped_layernorm2d,
     "grouped_pointwise": bench_grouped_pointwise,
     "layernorm2d": bench_layernorm2d,
     "patch_fft_conv": bench_patch_fft_conv,

@@ -36,8 +36,10 @@ def grouped_layernorm2d(
         offsets: [E + 1] int64 / int32 row offsets on x's device (``RoutingPlan.offsets``).
         channels: E ints in 1..C_max.
         eps: added to the population variance, > 0.
-        backend: "auto" or "reference" (masked statistics, no host read). No kernel of its own
-            yet: a model on another backend runs the reference for this op.
+        backend: "auto" (the Triton kernel on a GPU, else the reference), "reference" (masked
+            statistics over C_max channels, no host read) or "triton" (one pass over each row's
+            own channels, deterministic parameter gradients). No C++ / CUDA kernel yet: a model on
+            backend "cpu" / "cuda" runs the reference for this op.
 
     Returns:
         [N, C_max, H, W] in x's dtype (statistics in float32, float64 for float64 input); channels

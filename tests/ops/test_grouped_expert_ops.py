@@ -287,12 +287,6 @@ BAD_CALLS = [
         id="ln-channels",
     ),
     pytest.param(
-        lambda: grouped_layernorm2d(_X, torch.zeros(2, 4), torch.zeros(2, 4), _OFF, [4, 4], backend="triton"),
-        RuntimeError,
-        "not implemented yet",
-        id="ln-triton",
-    ),
-    pytest.param(
         lambda: grouped_patch_fft_conv(_X, _X[:, :3], _OFF, [4, 4], [4, 8]),
         ValueError,
         "k must have shape",
