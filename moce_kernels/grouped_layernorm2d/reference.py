@@ -35,5 +35,6 @@ def grouped_layernorm2d_reference(
     var = (centred * centred).sum(1, keepdim=True) / count  # population variance, as the official
     w_rows = per_row(weight.to(acc).masked_fill(~mask, 0), offsets, rows)[:, :, None, None]
     b_rows = per_row(bias.to(acc).masked_fill(~mask, 0), offsets, rows)[:, :, None, None]
-    y = centred / torch.sqrt(var + eps) * w_rows + b_rows  # zero past the expert's channels
-    return y.to(x.dtype)
+    y = centred / torch.sqrt(var + eps) * w_rows + b_rows
+    # Exact zeros past the expert's channels, even when NaN in its own channels makes var NaN.
+    return y.masked_fill(~row_mask, 0).to(x.dtype)
