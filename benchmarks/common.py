@@ -33,6 +33,7 @@ OPS = (
     "route",
     "dispatch",
     "combine",
+    "dwconv_gelu_gate",
     "grouped_dwconv",
     "grouped_layernorm2d",
     "grouped_pointwise",

@@ -31,8 +31,10 @@ from benchmarks.common import (
     rel_error,
     roofline_ms,
 )
+from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
 from moce_kernels.grouped_pointwise import grouped_pointwise
+from moceir.config import CONFIGS
 
 NUM_EXPERTS = 4
 #: Expert of each of the 8 images (k = 1): counts 3, 2, 2, 1, cheapest expert most used.
@@ -166,6 +168,40 @@ def bench_combine(sizes: Sizes, device, dtype) -> list[Bench]:
                 inputs=[y, gates],
                 # forward: y and gates in, out; backward: grad_out and y in (gate grads), grad_y out.
                 bytes_moved=_with_full(2 * nbytes(y) + nbytes(gates), 3 * nbytes(y) + 2 * nbytes(gates)),
+            )
+        )
+    return out
+
+
+def bench_dwconv_gelu_gate(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The trunk's GDFN middle at each level (width C, side S): the 3x3 depthwise conv over
+    2 * hidden channels and gelu(x1) * x2, hidden = int(C * ffn_expansion) (MoCE-IR-S: C = 32,
+    64, 128 at 128, 64, 32 px, expansion 2: 128, 256, 512 channels in), with bias."""
+    expansion = CONFIGS["moce_ir_s"].ffn_expansion
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        channels = 2 * int(width * expansion)
+        x = _rand((sizes.batch, channels, side, side), device, dtype)
+        w = (torch.randn(channels, 3, 3, device=device) / 3).to(dtype).requires_grad_(True)
+        b = torch.randn(channels, device=device).to(dtype).requires_grad_(True)
+        params, gate_bytes = nbytes(w, b), nbytes(x) // 2
+        # The fewest bytes: forward reads x once and writes the gate (half x's channels);
+        # backward reads grad_out and x, writes grad x (the fused kernels recompute the
+        # convolution, so its 2 * hidden-channel output is never stored or read).
+        fwd_bytes = nbytes(x) + params + gate_bytes
+        bwd_bytes = gate_bytes + 2 * nbytes(x) + 2 * params
+        fwd_flops = 2 * 9 * x.numel()
+        out.append(
+            Bench(
+                op="dwconv_gelu_gate",
+                case=f"{level}.ffn3",
+                shape=list(x.shape),
+                forward=lambda p, x=x, w=w, b=b: dwconv_gelu_gate(x, w, b, backend=p),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[x, w, b],
+                bytes_moved=_with_full(fwd_bytes, bwd_bytes),
+                flops=_full_flops(fwd_flops, 2 * fwd_flops),
             )
         )
     return out
@@ -411,6 +447,7 @@ SETUPS = {
     "route": bench_route,
     "dispatch": bench_dispatch,
     "combine": bench_combine,
+    "dwconv_gelu_gate": bench_dwconv_gelu_gate,
     "grouped_dwconv": bench_grouped_dwconv,
     "grouped_layernorm2d": bench_grouped_layernorm2d,
     "grouped_pointwise": bench_grouped_pointwise,

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moce_kernels._backend import op_backend, resolve_backend
+from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moceir.layers.conv import DepthwiseConv2d
 
 
@@ -66,7 +68,12 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GDFN: project_in 1x1 -> depthwise 3x3 -> gelu(x1) * x2 -> project_out 1x1."""
+    """GDFN: project_in 1x1 -> depthwise 3x3 -> gelu(x1) * x2 -> project_out 1x1.
+
+    With a fast backend (``self.dwconv.backend``, set by ``model.set_backend``) the depthwise
+    convolution and the gate run as one ``dwconv_gelu_gate``: its 2 * hidden-channel output
+    never goes to memory. The parameters and state-dict keys stay those of ``self.dwconv``.
+    """
 
     def __init__(self, dim: int, expansion: float, bias: bool) -> None:
         super().__init__()
@@ -76,5 +83,38 @@ class FeedForward(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(x1) * x2)
+        h = self.project_in(x)
+        backend = self._gate_backend(h)
+        if backend == "reference":
+            # The unfused module code, unchanged: backend "reference", and the backends the fused
+            # op has no kernel of (self.dwconv still runs theirs).
+            x1, x2 = self.dwconv(h).chunk(2, dim=1)
+            return self.project_out(F.gelu(x1) * x2)
+        return self.project_out(self._fused_gate(h, backend))
+
+    def _gate_backend(self, h: torch.Tensor) -> str:
+        """The concrete backend of ``dwconv_gelu_gate`` for ``h``; "reference" means unfused."""
+        autocast = torch.is_autocast_enabled(h.device.type)
+        if h.dim() != 4 or (not autocast and h.dtype != self.dwconv.weight.dtype):
+            # Inputs the op does not take keep nn.Conv2d's own behaviour and errors.
+            return "reference"
+        backend = op_backend("dwconv_gelu_gate", self.dwconv.backend)
+        if backend == "auto":
+            # Resolved here: where "auto" finds no kernel of the fused op (the CPU until its C++
+            # kernel lands) the unfused code runs, with self.dwconv's own "auto" choice, rather
+            # than the op's reference.
+            backend = resolve_backend("dwconv_gelu_gate", "auto", h.device)
+        return backend
+
+    def _fused_gate(self, h: torch.Tensor, backend: str) -> torch.Tensor:
+        conv = self.dwconv
+        weight, bias = conv.weight, conv.bias
+        if torch.is_autocast_enabled(h.device.type):
+            # As DepthwiseConv2d does under autocast: input and parameters in the autocast dtype
+            # (differentiable casts: the float32 parameters get their gradients).
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        c, k = conv.in_channels, conv.kernel_size[0]
+        with torch.autocast(h.device.type, enabled=False):
+            return dwconv_gelu_gate(h, weight.reshape(c, k, k), bias, backend=backend)
