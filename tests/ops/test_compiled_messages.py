@@ -65,6 +65,21 @@ def _grouped_dwconv_bwd(**overrides):
     return lambda: torch.ops.moce.grouped_dwconv_bwd(*args.values())
 
 
+def _dwconv_gelu_gate_fwd(**overrides):
+    # B = 2 images of 2 * Ch = 4 channels, 5 x 5, K = 3.
+    args = dict(x=torch.randn(2, 4, 5, 5), weight=torch.randn(4, 3, 3), bias=torch.randn(4))
+    args.update(overrides)
+    return lambda: torch.ops.moce.dwconv_gelu_gate_fwd(*args.values())
+
+
+def _dwconv_gelu_gate_bwd(**overrides):
+    args = dict(
+        grad_y=torch.randn(2, 2, 5, 5), x=torch.randn(2, 4, 5, 5), weight=torch.randn(4, 3, 3), bias=None
+    )
+    args.update(overrides)
+    return lambda: torch.ops.moce.dwconv_gelu_gate_bwd(*args.values())
+
+
 def _route_fwd(logits=None, noise=None, k=2):
     logits = torch.randn(2, 4) if logits is None else logits
     return lambda: torch.ops.moce.route_fwd(logits, noise, k)
@@ -207,6 +222,62 @@ CASES = {
     "dw-bwd-grad-shape": (
         lambda: _grouped_dwconv_bwd(grad_y=torch.randn(6, 5, 7, 6)),
         "moce::grouped_dwconv_bwd: grad_y must have the shape of x ([6, 5, 7, 7]), got [6, 5, 7, 6]",
+    ),
+    # dwconv_gelu_gate
+    "gate-x-3d": (
+        lambda: _dwconv_gelu_gate_fwd(x=torch.randn(2, 4, 5)),
+        "moce::dwconv_gelu_gate_fwd: x must be a 4-D [B, 2 * Ch, H, W] tensor, got shape [2, 4, 5]",
+    ),
+    "gate-x-odd-channels": (
+        lambda: _dwconv_gelu_gate_fwd(x=torch.randn(2, 3, 5, 5)),
+        "moce::dwconv_gelu_gate_fwd: x must have an even channel count 2 * Ch >= 2 (the gate's two halves), "
+        "got shape [2, 3, 5, 5]",
+    ),
+    "gate-x-no-channels": (
+        lambda: _dwconv_gelu_gate_fwd(x=torch.randn(2, 0, 5, 5)),
+        "moce::dwconv_gelu_gate_fwd: x must have an even channel count 2 * Ch >= 2 (the gate's two halves), "
+        "got shape [2, 0, 5, 5]",
+    ),
+    "gate-x-int": (
+        lambda: _dwconv_gelu_gate_fwd(x=torch.ones(2, 4, 5, 5, dtype=torch.int64)),
+        "moce::dwconv_gelu_gate_fwd: x must be float32, float64, bfloat16 or float16, got Long",
+    ),
+    "gate-weight-channels": (
+        lambda: _dwconv_gelu_gate_fwd(weight=torch.randn(2, 3, 3)),
+        "moce::dwconv_gelu_gate_fwd: weight must have shape [2 * Ch, K, K] with 2 * Ch = 4 (x.size(1)), "
+        "got shape [2, 3, 3]",
+    ),
+    "gate-weight-even": (
+        lambda: _dwconv_gelu_gate_fwd(weight=torch.randn(4, 4, 4)),
+        "moce::dwconv_gelu_gate_fwd: weight's kernel size K must be odd, in 1..9, got 4",
+    ),
+    "gate-weight-11": (
+        lambda: _dwconv_gelu_gate_fwd(weight=torch.randn(4, 11, 11)),
+        "moce::dwconv_gelu_gate_fwd: weight's kernel size K must be odd, in 1..9, got 11",
+    ),
+    "gate-weight-dtype": (
+        lambda: _dwconv_gelu_gate_fwd(weight=torch.randn(4, 3, 3, dtype=torch.float64)),
+        "moce::dwconv_gelu_gate_fwd: weight must have the dtype of x (Float), got Double",
+    ),
+    "gate-bias-shape": (
+        lambda: _dwconv_gelu_gate_fwd(bias=torch.randn(2, 2)),
+        "moce::dwconv_gelu_gate_fwd: bias must have shape [2 * Ch] = [4], got shape [2, 2]",
+    ),
+    "gate-bias-dtype": (
+        lambda: _dwconv_gelu_gate_fwd(bias=torch.randn(4, dtype=torch.bfloat16)),
+        "moce::dwconv_gelu_gate_fwd: bias must have the dtype of x (Float), got BFloat16",
+    ),
+    "gate-bwd-grad-shape": (
+        lambda: _dwconv_gelu_gate_bwd(grad_y=torch.randn(2, 4, 5, 5)),
+        "moce::dwconv_gelu_gate_bwd: grad_y must have shape [B, Ch, H, W] = [2, 2, 5, 5], got [2, 4, 5, 5]",
+    ),
+    "gate-bwd-grad-dtype": (
+        lambda: _dwconv_gelu_gate_bwd(grad_y=torch.randn(2, 2, 5, 5, dtype=torch.float16)),
+        "moce::dwconv_gelu_gate_bwd: grad_y must have the dtype of x (Float), got Half",
+    ),
+    "gate-bwd-weight-even": (
+        lambda: _dwconv_gelu_gate_bwd(weight=torch.randn(4, 2, 2)),
+        "moce::dwconv_gelu_gate_bwd: weight's kernel size K must be odd, in 1..9, got 2",
     ),
     # route
     "route-logits-1d": (
