@@ -29,16 +29,21 @@ Inputs and outputs in float32 / bfloat16 / float16 (float64 too, for gradcheck) 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from moce_kernels import _library
+from moce_kernels import _library, _triton_common
 from moce_kernels.grouped_dwconv import _autograd
+
+# Shared with the other Triton bindings (moce_kernels/_triton_common.py).
+_acc_dtype = _triton_common.acc_dtype
+_device_guard = _triton_common.device_guard
+_empty = _triton_common.empty
+_metadata = _triton_common.expert_metadata
+_expert_of_row = _triton_common.expert_of_row
 
 #: The kernel sizes the kernels specialise for; bit i of KERNEL_SET stands for size 3 + 2 * i.
 KERNEL_SIZES = (3, 5, 7, 9)
@@ -55,17 +60,6 @@ _REDUCE_BLOCK_TILES = 16
 #: 8 accumulators per thread: ptxas gives ~90 registers and no spills on sm_90 (7x7, bf16), where
 #: 4 warps take ~150 (the unrolled taps keep many loads in flight).
 _CONV_WARPS = 8
-
-
-@triton.jit
-def _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
-    """(expert, its width, its kernel size) of a row, from the device offsets (rows sorted by expert)."""
-    es = tl.arange(0, BLOCK_E)
-    ends = tl.load(off_ptr + 1 + es, mask=es < E, other=0)
-    # How many experts' rows end at or before this row; offsets that do not end at N would give
-    # E, so clamp to stay inside the metadata.
-    e = tl.minimum(tl.sum(((ends <= row) & (es < E)).to(tl.int32), 0), E - 1)
-    return e, tl.load(meta_ptr + e), tl.load(meta_ptr + E + e)
 
 
 @triton.jit
@@ -285,31 +279,6 @@ def grouped_dwconv_bwd_reduce_kernel(
 
 
 # --- host launchers ------------------------------------------------------------------------------
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer that a kernel fills completely (the tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it t's (a no-op on the CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _acc_dtype(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-@functools.lru_cache(maxsize=256)
-def _metadata(channels: tuple[int, ...], kernel_sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[2 * E] int32 on ``device``: channels, then kernel sizes.
-
-    Cached: the same few expert configurations come back at every call, and copying a fresh host
-    list to the GPU each time would be a synchronous copy per call. The first call of a
-    configuration does that copy, so run one before capturing a CUDA graph.
-    """
-    return torch.tensor([*channels, *kernel_sizes], dtype=torch.int32).to(device)
 
 
 def _kernel_set(kernel_sizes: list[int]) -> int:

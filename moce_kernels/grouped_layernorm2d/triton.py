@@ -41,16 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from moce_kernels import _library
+from moce_kernels import _library, _triton_common
 from moce_kernels.grouped_layernorm2d import _autograd
-from moce_kernels.grouped_pointwise.triton import (
-    _acc_dtype,
-    _device_guard,
-    _empty,
-    _expert_of_row,
-    _metadata,
-)
 from moce_kernels.layernorm2d.triton import _blocks
+
+# Shared with the other Triton bindings (moce_kernels/_triton_common.py).
+_acc_dtype = _triton_common.acc_dtype
+_device_guard = _triton_common.device_guard
+_empty = _triton_common.empty
+_expert_of_row = _triton_common.expert_of_row
+_metadata = _triton_common.expert_metadata
 
 #: The backward's programs (rows * chunks) to aim for: a few per SM of an H100, so that the GPU
 #: is full, while the partial sums (one [C_max] pair per program) stay few for the reduction.

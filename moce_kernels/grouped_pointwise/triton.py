@@ -35,16 +35,20 @@ Non-contiguous inputs are copied to contiguous NCHW first. ``custom_op`` rather 
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from moce_kernels import _library
+from moce_kernels import _library, _triton_common
 from moce_kernels.grouped_pointwise import _autograd
+
+# Shared with the other Triton bindings (moce_kernels/_triton_common.py).
+_acc_dtype = _triton_common.acc_dtype
+_device_guard = _triton_common.device_guard
+_empty = _triton_common.empty
+_metadata = _triton_common.expert_metadata
+_expert_of_row = _triton_common.expert_of_row
+_interpreted = _triton_common.interpreted
 
 #: Largest tiles on a GPU: BLOCK_M result channels (output channels; input channels for grad x),
 #: BLOCK_K channels per tl.dot, BLOCK_P contiguous pixels (256 bytes of bfloat16 per channel).
@@ -77,17 +81,6 @@ _FP64_NUM_WARPS = 4
 #: The reduction's few programs each sum a [64, 32] tile over rows * chunks: 4 warps (~145
 #: registers), where 8 spill a few bytes under Triton 3.6.
 _REDUCE_NUM_WARPS = 4
-
-
-@triton.jit
-def _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
-    """(expert, its input width, its output width) of a row, from the device offsets."""
-    es = tl.arange(0, BLOCK_E)
-    ends = tl.load(off_ptr + 1 + es, mask=es < E, other=0)
-    # How many experts' rows end at or before this row; offsets that do not end at N would give
-    # E, so clamp to stay inside the metadata.
-    e = tl.minimum(tl.sum(((ends <= row) & (es < E)).to(tl.int32), 0), E - 1)
-    return e, tl.load(meta_ptr + e), tl.load(meta_ptr + E + e)
 
 
 @triton.jit
@@ -288,37 +281,6 @@ def grouped_pointwise_bwd_reduce_kernel(
 
 
 # --- host launchers ------------------------------------------------------------------------------
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer that a kernel fills completely (the tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it t's (a no-op on the CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _acc_dtype(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-@functools.lru_cache(maxsize=256)
-def _metadata(
-    in_channels: tuple[int, ...], out_channels: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
-    """[2 * E] int32 on ``device``: input widths, then output widths.
-
-    Cached: the same few expert configurations come back at every call, and copying a fresh host
-    list to the GPU each time would be a synchronous copy per call. The first call of a
-    configuration does that copy, so run one before capturing a CUDA graph.
-    """
-    return torch.tensor([*in_channels, *out_channels], dtype=torch.int32).to(device)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _limits(dtype: torch.dtype) -> tuple[int, int, int, int, int]:

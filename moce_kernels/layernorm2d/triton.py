@@ -27,7 +27,6 @@ as opaque on a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -35,8 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from moce_kernels import _library
+from moce_kernels import _library, _triton_common
 from moce_kernels.layernorm2d import _autograd
+
+# Shared with the other Triton bindings (moce_kernels/_triton_common.py).
+_acc_dtype = _triton_common.acc_dtype
+_device_guard = _triton_common.device_guard
+_empty = _triton_common.empty
 
 #: Widest C whose [C, BLOCK_P] tile is held in registers (x read once); wider C loops over chunks.
 _SINGLE_TILE_MAX_C = 512
@@ -222,20 +226,6 @@ def layernorm2d_reduce_kernel(
 
 
 # --- host launchers ------------------------------------------------------------------------------
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer that a kernel fills completely (the tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it t's (a no-op on the CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _acc_dtype(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 def _blocks(channels: int, pixels: int) -> tuple[int, int, bool, int]:

@@ -1,0 +1,55 @@
+"""Helpers the Triton bindings share: buffers, the launch device, accumulation dtypes, and the
+device-side lookup of a packed row's expert (``moce_kernels._grouping``'s layout)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer that a kernel fills completely (the tests swap in NaN-filled ones)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (a no-op on the CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def acc_dtype(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
+    """The accumulation dtype of ``x``'s kernels: float64 for float64, else float32."""
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs through its CPU interpreter (the tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=256)
+def expert_metadata(first: tuple[int, ...], second: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[2 * E] int32 on ``device``: two per-expert integers (e.g. widths, kernel sizes).
+
+    Cached: the same few expert configurations come back at every call, and copying a fresh host
+    list to the GPU each time would be a synchronous copy per call. The first call of a
+    configuration does that copy, so run one before capturing a CUDA graph.
+    """
+    return torch.tensor([*first, *second], dtype=torch.int32).to(device)
+
+
+@triton.jit
+def expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
+    """(expert, meta[e], meta[E + e]) of a packed row, from the device offsets (rows sorted by
+    expert) and an :func:`expert_metadata` tensor."""
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(off_ptr + 1 + es, mask=es < E, other=0)
+    # How many experts' rows end at or before this row; offsets that do not end at N would give
+    # E, so clamp to stay inside the metadata.
+    e = tl.minimum(tl.sum(((ends <= row) & (es < E)).to(tl.int32), 0), E - 1)
+    return e, tl.load(meta_ptr + e), tl.load(meta_ptr + E + e)
