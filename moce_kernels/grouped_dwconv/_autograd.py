@@ -1,38 +1,8 @@
 """grouped_dwconv's autograd formula, shared by the compiled (``moce::``) and Triton
-(``moce_triton::``) ops: gradients of x, weight and bias (in bias's own dtype); the offsets,
-channels and kernel sizes are not differentiable.
+(``moce_triton::``) ops: gradients of x, weight and bias; the offsets, channels and kernel sizes
+are not differentiable. The same formula as grouped_pointwise's (``moce_kernels._grouped_autograd``).
 """
 
-from __future__ import annotations
+from moce_kernels._grouped_autograd import make_backward, setup_context
 
-from collections.abc import Callable
-from typing import Any
-
-
-def setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, offsets, channels, kernel_sizes = inputs
-    ctx.save_for_backward(x, weight, offsets)
-    ctx.channels = list(channels)
-    ctx.kernel_sizes = list(kernel_sizes)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def make_backward(grouped_dwconv_bwd: Callable[..., Any]) -> Callable[..., Any]:
-    """The forward op's backward, calling ``grouped_dwconv_bwd`` (compiled or Triton)."""
-
-    def backward(ctx, grad_y):
-        x, weight, offsets = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = grouped_dwconv_bwd(
-            grad_y.contiguous(), x, weight, offsets, ctx.channels, ctx.kernel_sizes
-        )
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (
-            grad_x if need_x else None,
-            grad_weight if need_weight else None,
-            grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None,
-            None,
-            None,
-            None,
-        )
-
-    return backward
+__all__ = ["make_backward", "setup_context"]

@@ -1,38 +1,8 @@
-"""grouped_pointwise's autograd formula, for the Triton (``moce_triton::``) ops (and a compiled
-binding, should one come): gradients of x, weight and bias (in bias's own dtype); the offsets and
-channel counts are not differentiable.
+"""grouped_pointwise's autograd formula, for the Triton (``moce_triton::``) ops: gradients of x,
+weight and bias; the offsets and channel counts are not differentiable. The same formula as
+grouped_dwconv's (``moce_kernels._grouped_autograd``).
 """
 
-from __future__ import annotations
+from moce_kernels._grouped_autograd import make_backward, setup_context
 
-from collections.abc import Callable
-from typing import Any
-
-
-def setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, offsets, in_channels, out_channels = inputs
-    ctx.save_for_backward(x, weight, offsets)
-    ctx.in_channels = list(in_channels)
-    ctx.out_channels = list(out_channels)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def make_backward(grouped_pointwise_bwd: Callable[..., Any]) -> Callable[..., Any]:
-    """The forward op's backward, calling ``grouped_pointwise_bwd``."""
-
-    def backward(ctx, grad_y):
-        x, weight, offsets = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = grouped_pointwise_bwd(
-            grad_y.contiguous(), x, weight, offsets, ctx.in_channels, ctx.out_channels
-        )
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (
-            grad_x if need_x else None,
-            grad_weight if need_weight else None,
-            grad_bias.to(ctx.bias_dtype) if need_bias and ctx.bias_dtype is not None else None,
-            None,
-            None,
-            None,
-        )
-
-    return backward
+__all__ = ["make_backward", "setup_context"]
