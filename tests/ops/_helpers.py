@@ -232,6 +232,60 @@ AOT_PRELUDE = textwrap.dedent(
 )
 
 
+#: The start of a script for :func:`aot_resource_usage`: ``compile_(label, fn, signature,
+#: constexprs, num_warps)`` compiles one kernel for sm_90 and prints ``AOT {json}`` with its label,
+#: the matrix instructions of its PTX ("wgmma", "mma" or "fma") and ptxas' resource usage
+#: (``cuobjdump -res-usage``: REG, STACK and LOCAL; STACK / LOCAL > 0 is where spills go).
+AOT_USAGE_PRELUDE = textwrap.dedent(
+    """
+    import json, os, shutil, subprocess, sys, tempfile
+    try:
+        import torch
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        print(f"no AOT API: {e}")
+        sys.exit(3)
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+    def usage(cubin):
+        if cuobjdump is None:
+            return {}
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+        fields = [w.split(":") for w in text.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL")]
+        return {k: int(v) for k, v in fields}
+
+    def compile_(label, fn, signature, constexprs, num_warps):
+        sig = dict(signature, **{k: "constexpr" for k in constexprs})
+        try:
+            src = ASTSource(fn, sig, constexprs)
+        except (TypeError, KeyError, AttributeError) as e:
+            print(f"ASTSource API differs: {e!r}")
+            sys.exit(3)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        ptx = kernel.asm["ptx"]
+        mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
+        print("AOT " + json.dumps(dict(label=label, mma=mma, **usage(kernel.asm["cubin"]))), flush=True)
+    """
+)
+
+
+def aot_resource_usage(body: str) -> list[dict]:
+    """Run :data:`AOT_USAGE_PRELUDE` + ``body`` (which calls ``compile_``) without the interpreter;
+    returns one dict per compiled kernel (label, mma, REG / STACK / LOCAL when cuobjdump exists).
+    Skips the calling test without Triton's ahead-of-time API."""
+    out = run_aot_script(AOT_USAGE_PRELUDE + textwrap.dedent(body))
+    return [json.loads(line.removeprefix("AOT ")) for line in out.splitlines() if line.startswith("AOT ")]
+
+
 def run_aot_script(script: str) -> str:
     """Run an :data:`AOT_PRELUDE` script (see :func:`run_without_interpreter`); returns its stdout.
 

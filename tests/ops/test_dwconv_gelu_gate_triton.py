@@ -12,16 +12,14 @@ compile of every kernel for sm_90 (registers and spills).
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import textwrap
 
 import pytest
 import torch
 
 from moce_kernels import _backend
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate, dwconv_gelu_gate_reference
-from tests.ops._helpers import TRITON_DEVICE, run_aot_script, skip_unless_triton_usable
+from tests.ops._helpers import TRITON_DEVICE, aot_resource_usage, skip_unless_triton_usable
 
 skip_unless_triton_usable()
 
@@ -344,43 +342,9 @@ def test_gpu_moce_ir_s_gdfn_shapes(dtype, atol, rtol):
 #: usage (``cuobjdump -res-usage``: registers, stack and local memory, where spills go). grad x and
 #: the reduction run grouped_dwconv's kernels, compiled by its own test. Exits 3 without Triton's
 #: ahead-of-time API (the test skips).
-AOT_SCRIPT = textwrap.dedent(
-    """
-    import json, os, shutil, subprocess, sys, tempfile
-    try:
-        import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        print(f"no AOT API: {e}")
-        sys.exit(3)
+AOT_BODY = """
     from moce_kernels.dwconv_gelu_gate import triton as gate
     from moce_kernels.grouped_dwconv import triton as dw
-
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
-
-    def usage(cubin):
-        if cuobjdump is None:
-            return {}
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(cubin)
-            text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        fields = [w.split(":") for w in text.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL")]
-        return {k: int(v) for k, v in fields}
-
-    def compile_(label, fn, signature, constexprs, num_warps):
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        try:
-            src = ASTSource(fn, sig, constexprs)
-        except (TypeError, KeyError, AttributeError) as e:
-            print(f"ASTSource API differs: {e!r}")
-            sys.exit(3)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        print("AOT " + json.dumps(dict(label=label, **usage(kernel.asm["cubin"]))), flush=True)
 
     ints = dict.fromkeys(("CH", "H", "W", "c_blocks", "tiles_w", "tiles"), "i32")
     # MoCE-IR-S's GDFN (3x3; Ch = 64 at 128 x 128) in bf16, fp16, fp32 and fp64 (gradcheck), and
@@ -402,7 +366,6 @@ AOT_SCRIPT = textwrap.dedent(
         bwd = dict(x_ptr=t, w_ptr=t, b_ptr=t, gy_ptr=t, gc_ptr=acc, part_w_ptr=acc, part_b_ptr=acc, **ints)
         compile_("bwd-gate-" + label, gate.dwconv_gelu_gate_bwd_gate_kernel, bwd, consts, dw._CONV_WARPS)
     """
-)
 
 
 def test_aot_compile_sm90():
@@ -410,8 +373,7 @@ def test_aot_compile_sm90():
     what the interpreter forgives (constexpr misuse, dtype mismatches, erf on half types), and
     checks that none spills. Runs in a subprocess without TRITON_INTERPRET. Prints the registers
     per thread (``pytest -s``)."""
-    lines = [line for line in run_aot_script(AOT_SCRIPT).splitlines() if line.startswith("AOT ")]
-    results = [json.loads(line.removeprefix("AOT ")) for line in lines]
+    results = aot_resource_usage(AOT_BODY)
     assert len(results) == 12
     for r in results:
         print(r)

@@ -14,9 +14,7 @@ every kernel for sm_90 (registers and spills).
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import textwrap
 
 import pytest
 import torch
@@ -27,9 +25,9 @@ from tests.ops._helpers import (
     LAYERNORM_DTYPES,
     LAYOUTS,
     TRITON_DEVICE,
+    aot_resource_usage,
     assert_close_scaled,
     misaligned,
-    run_aot_script,
     skip_unless_triton_usable,
 )
 
@@ -529,43 +527,9 @@ def test_gpu_moce_ir_s_expert_shapes(dtype, atol, rtol):
 #: (layernorm2d's ``_blocks`` without the interpreter) and prints one JSON line per kernel with
 #: its resource usage (``cuobjdump -res-usage``: registers, stack and local memory, where spills
 #: go). Exits 3 without Triton's ahead-of-time API (the test skips).
-AOT_SCRIPT = textwrap.dedent(
-    """
-    import json, os, shutil, subprocess, sys, tempfile
-    try:
-        import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        print(f"no AOT API: {e}")
-        sys.exit(3)
+AOT_BODY = """
     from moce_kernels.grouped_layernorm2d import triton as gln
     from moce_kernels.layernorm2d import triton as ln
-
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
-
-    def usage(cubin):
-        if cuobjdump is None:
-            return {}
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(cubin)
-            text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        fields = [w.split(":") for w in text.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL")]
-        return {k: int(v) for k, v in fields}
-
-    def compile_(label, fn, signature, constexprs, num_warps):
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        try:
-            src = ASTSource(fn, sig, constexprs)
-        except (TypeError, KeyError, AttributeError) as e:
-            print(f"ASTSource API differs: {e!r}")
-            sys.exit(3)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        print("AOT " + json.dumps(dict(label=label, **usage(kernel.asm["cubin"]))), flush=True)
 
     # (label, x dtype, parameter dtype, C_max, rows, pixels, offsets): the model's ranks up to 96
     # at 128 x 128 (float32 FFT output; the backward loops over pixel tiles), bf16 activations,
@@ -601,7 +565,6 @@ AOT_SCRIPT = textwrap.dedent(
                              ACC=acc_tl)
         compile_(f"reduce-{label}", gln.grouped_layernorm2d_reduce_kernel, red, reduce_consts, 4)
     """
-)
 
 
 def test_aot_compile_sm90():
@@ -609,8 +572,7 @@ def test_aot_compile_sm90():
     what the interpreter forgives (constexpr misuse, dtype mismatches in loops and branches), and
     checks that none spills. Runs in a subprocess without TRITON_INTERPRET. Prints the registers
     per thread (``pytest -s``)."""
-    lines = [line for line in run_aot_script(AOT_SCRIPT).splitlines() if line.startswith("AOT ")]
-    results = [json.loads(line.removeprefix("AOT ")) for line in lines]
+    results = aot_resource_usage(AOT_BODY)
     assert len(results) == 24
     for r in results:
         print(r)

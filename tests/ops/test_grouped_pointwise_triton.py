@@ -12,16 +12,14 @@ torch.compile, and an ahead-of-time compile of every kernel for sm_90 (registers
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import textwrap
 
 import pytest
 import torch
 
 from moce_kernels import _backend
 from moce_kernels.grouped_pointwise import grouped_pointwise, grouped_pointwise_reference
-from tests.ops._helpers import TRITON_DEVICE, run_aot_script, skip_unless_triton_usable
+from tests.ops._helpers import TRITON_DEVICE, aot_resource_usage, skip_unless_triton_usable
 
 skip_unless_triton_usable()
 
@@ -432,46 +430,8 @@ def test_gpu_moce_ir_s_expert_shapes(dtype, atol, rtol):
 #: (``_rows_blocks`` / ``_weight_blocks`` without the interpreter) and prints one JSON line per
 #: kernel with its resource usage (``cuobjdump -res-usage``: registers, stack and local memory,
 #: where spills go). Exits 3 without Triton's ahead-of-time API (the test skips).
-AOT_SCRIPT = textwrap.dedent(
-    """
-    import json, os, shutil, subprocess, sys, tempfile
-    try:
-        import torch
-        import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        print(f"no AOT API: {e}")
-        sys.exit(3)
+AOT_BODY = """
     from moce_kernels.grouped_pointwise import triton as pw
-
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
-
-    def usage(cubin):
-        if cuobjdump is None:
-            return {}
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(cubin)
-            text = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        fields = [w.split(":") for w in text.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL")]
-        return {k: int(v) for k, v in fields}
-
-    def compile_(label, fn, signature, constexprs, num_warps):
-        sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        try:
-            src = ASTSource(fn, sig, constexprs)
-        except (TypeError, KeyError, AttributeError) as e:
-            print(f"ASTSource API differs: {e!r}")
-            sys.exit(3)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps})
-        ptx = kernel.asm["ptx"]
-        mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
-        print("AOT " + json.dumps(dict(label=label, mma=mma, **usage(kernel.asm["cubin"]))), flush=True)
 
     TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     ints = ("C_IN", "C_OUT", "P", "E")
@@ -508,7 +468,6 @@ AOT_SCRIPT = textwrap.dedent(
         compile_(label.replace("wgrad", "reduce"), pw.grouped_pointwise_bwd_reduce_kernel, sig, consts,
                  pw._REDUCE_NUM_WARPS)
     """
-)
 
 
 def test_aot_compile_sm90():
@@ -516,8 +475,7 @@ def test_aot_compile_sm90():
     what the interpreter forgives (tl.dot shapes and dtypes, constexpr misuse, dtype mismatches in
     loops), and checks that none spills. Runs in a subprocess without TRITON_INTERPRET. Prints the
     registers per thread (``pytest -s``); ~15 s on 2 cores when Triton's cache is cold."""
-    lines = [line for line in run_aot_script(AOT_SCRIPT).splitlines() if line.startswith("AOT ")]
-    results = [json.loads(line.removeprefix("AOT ")) for line in lines]
+    results = aot_resource_usage(AOT_BODY)
     assert len(results) == 13
     for r in results:
         print(r)
