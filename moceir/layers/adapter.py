@@ -121,8 +121,9 @@ class MoCELayer(nn.Module):
             return self.expert_path == "sync_free"
         if self.backend == "reference":
             return False
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        return torch.compiler.is_compiling() or capturing
+        if torch.compiler.is_compiling():  # first: Dynamo need not trace the capture query
+            return True
+        return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         logits = self.routing(x, freq_emb)  # [B, E]

@@ -88,8 +88,10 @@ def packed_experts(
     while a CUDA graph is captured: the graph must pack at each replay, so that weights updated
     in place between replays are the ones it uses.
     """
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or capturing:
+    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _Grouped(experts, dtype)
+    # Checked after is_compiling, so that Dynamo never traces the capture query.
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return _Grouped(experts, dtype)
     params = [p for ex in experts for p in ex.parameters()]
     key = (dtype, *((p.data_ptr(), p._version) for p in params))
