@@ -3,8 +3,8 @@
     python -m benchmarks.run [--suite ops|models|all] [--output benchmarks/results]
                              [--quick | --tiny] [--device cuda|cpu] [--budget SECONDS]
 
-Op benchmarks (benchmarks/ops.py): route, dispatch, combine, grouped_dwconv, layernorm2d and
-patch_fft_conv at MoCE-IR-S training shapes, providers "reference" plus every backend
+Op benchmarks (benchmarks/ops.py): every op of ``benchmarks.common.OPS`` at MoCE-IR-S training
+shapes, providers "reference" plus every backend
 ``moce_kernels._backend.resolve_backend`` accepts on the device (found at run time: a new
 ``triton.py`` or ``compiled.py`` is picked up without editing this harness), modes forward /
 backward / full. Model benchmarks (benchmarks/models.py): inference, training step and one
