@@ -25,15 +25,16 @@ def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return expert.clamp_(max=max(num_experts - 1, 0))
 
 
-def per_row(params: torch.Tensor, offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows, ...]: each row's expert's slice of ``params`` ([E, ...]), without a host read.
+def per_row(params: torch.Tensor, experts_of_rows: torch.Tensor) -> torch.Tensor:
+    """[N, ...]: each row's expert's slice of ``params`` ([E, ...]), without a host read;
+    ``experts_of_rows``: [N] from :func:`row_experts`.
 
     A select-and-sum over the experts rather than a gather, so that the gradient sums each
     expert's rows in a fixed order (no atomics), and rather than a one-hot matmul, so that a
     NaN / Inf in one expert's parameters reaches only that expert's rows.
     """
-    num_experts = params.shape[0]
-    mine = row_experts(offsets, rows)[:, None] == torch.arange(num_experts, device=params.device)
+    rows, num_experts = experts_of_rows.shape[0], params.shape[0]
+    mine = experts_of_rows[:, None] == torch.arange(num_experts, device=params.device)
     mine = mine.view(rows, num_experts, *([1] * (params.dim() - 1)))
     return torch.where(mine, params.unsqueeze(0), 0).sum(1)
 
@@ -54,12 +55,14 @@ def channel_mask(channels: Sequence[int], c_max: int, device: torch.device) -> t
     return _mask(tuple(int(c) for c in channels), int(c_max), torch.device(device))
 
 
-def check_offsets_on_host(offsets: torch.Tensor, rows: int) -> None:
-    """Raise ValueError unless ``offsets`` rise from 0 to ``rows``. Reads them on the host: the
-    ops call it for CPU tensors only (free there), and not while torch.compile traces."""
+def check_offsets_on_host(offsets: torch.Tensor, rows: int) -> list[int]:
+    """Raise ValueError unless ``offsets`` rise from 0 to ``rows``; return them as a host list.
+    Reads them on the host: the fast paths call it for CPU tensors only (free there), and not
+    while torch.compile traces; the per-expert references need the list anyway."""
     host = [int(o) for o in offsets.tolist()]
     if host[0] != 0 or host[-1] != rows or any(a > b for a, b in zip(host[:-1], host[1:], strict=True)):
         raise ValueError(f"offsets must rise from 0 to N = {rows}, got {host}")
+    return host
 
 
 def check_channels(name: str, channels: Sequence[int], num_experts: int, c_max: int) -> None:

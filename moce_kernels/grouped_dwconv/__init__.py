@@ -72,8 +72,7 @@ def grouped_dwconv(
             raise ValueError(f"channels[{e}] must be in 1..C_max = 1..{c_max}, got {c}")
     chosen = resolve_backend("grouped_dwconv", backend, x.device)
     if chosen == "reference":
-        check_offsets_on_host(offsets, x.shape[0])
-        host_offsets = [int(o) for o in offsets.tolist()]
+        host_offsets = check_offsets_on_host(offsets, x.shape[0])  # the reference loops on them
         return grouped_dwconv_reference(x, weight, bias, host_offsets, channels, kernel_sizes)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         # Checking the values reads them on the host: free on the CPU, a sync on a GPU, where

@@ -27,14 +27,15 @@ def grouped_layernorm2d_reference(
     rows, c_max = x.shape[:2]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     mask = channel_mask(channels, c_max, x.device)  # [E, C_max]
-    row_mask = mask[row_experts(offsets, rows)][:, :, None, None]  # [N, C_max, 1, 1]
+    experts_of_rows = row_experts(offsets, rows)
+    row_mask = mask[experts_of_rows][:, :, None, None]  # [N, C_max, 1, 1]
     count = row_mask.sum(1, keepdim=True).to(acc)  # the row expert's channel count
     xf = x.to(acc).masked_fill(~row_mask, 0)
     mean = xf.sum(1, keepdim=True) / count
     centred = (xf - mean).masked_fill(~row_mask, 0)
     var = (centred * centred).sum(1, keepdim=True) / count  # population variance, as the official
-    w_rows = per_row(weight.to(acc).masked_fill(~mask, 0), offsets, rows)[:, :, None, None]
-    b_rows = per_row(bias.to(acc).masked_fill(~mask, 0), offsets, rows)[:, :, None, None]
+    w_rows = per_row(weight.to(acc).masked_fill(~mask, 0), experts_of_rows)[:, :, None, None]
+    b_rows = per_row(bias.to(acc).masked_fill(~mask, 0), experts_of_rows)[:, :, None, None]
     y = centred / torch.sqrt(var + eps) * w_rows + b_rows
     # Exact zeros past the expert's channels, even when NaN in its own channels makes var NaN.
     return y.masked_fill(~row_mask, 0).to(x.dtype)

@@ -32,11 +32,12 @@ def grouped_pointwise_reference(
     # Entries outside an expert's (out, in) block are ignored: zero them, and zero the input
     # channels the row's expert does not read (so that NaN there cannot leak in).
     w = weight.masked_fill(~(out_mask[:, :, None] & in_mask[:, None, :]), 0)
-    w_rows = per_row(w, offsets, rows)  # [N, C_out, C_in]
-    x = x.masked_fill(~in_mask[row_experts(offsets, rows)][:, :, None, None], 0)
+    experts_of_rows = row_experts(offsets, rows)
+    w_rows = per_row(w, experts_of_rows)  # [N, C_out, C_in]
+    x = x.masked_fill(~in_mask[experts_of_rows][:, :, None, None], 0)
     y = torch.bmm(w_rows, x.reshape(rows, c_in, height * width)).view(rows, c_out, height, width)
     if bias is not None:
-        b_rows = per_row(bias.masked_fill(~out_mask, 0), offsets, rows)  # [N, C_out]
+        b_rows = per_row(bias.masked_fill(~out_mask, 0), experts_of_rows)  # [N, C_out]
         y = y + b_rows[:, :, None, None]
     return y
 

@@ -108,13 +108,7 @@ class FeedForward(nn.Module):
 
     def _fused_gate(self, h: torch.Tensor, backend: str) -> torch.Tensor:
         conv = self.dwconv
-        weight, bias = conv.weight, conv.bias
-        if torch.is_autocast_enabled(h.device.type):
-            # As DepthwiseConv2d does under autocast: input and parameters in the autocast dtype
-            # (differentiable casts: the float32 parameters get their gradients).
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, weight = h.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        h, weight, bias = conv.autocast_operands(h)
         c, k = conv.in_channels, conv.kernel_size[0]
         with torch.autocast(h.device.type, enabled=False):
             return dwconv_gelu_gate(h, weight.reshape(c, k, k), bias, backend=backend)

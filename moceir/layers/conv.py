@@ -23,15 +23,19 @@ class DepthwiseConv2d(nn.Conv2d):
         )
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = op_backend("grouped_dwconv", self.backend)
+    def autocast_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x, weight, bias) as nn.Conv2d would compute with them: under autocast, in the autocast
+        dtype (differentiable casts: the float32 parameters get their gradients)."""
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            # What autocast does for nn.Conv2d: input and parameters in the autocast dtype (the
-            # casts are differentiable: the float32 parameters get their gradients).
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+        return x, weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = op_backend("grouped_dwconv", self.backend)
+        x, weight, bias = self.autocast_operands(x)
         if backend == "reference" or x.dim() != 4 or x.dtype != weight.dtype:
             # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's
             # own behaviour and errors.

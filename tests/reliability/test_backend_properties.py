@@ -71,6 +71,16 @@ def test_layernorm2d(backend, shape, dtype, kind, data):
         torch.testing.assert_close(gx.float(), gr.float(), atol=atol * 20, rtol=rtol * 10)
 
 
+def _packed_rows(data, num_experts: int, rows: int, max_channels: int):
+    """Per-expert channel counts, offsets with random cuts (empty experts included), a generator."""
+    channels = [data.draw(st.integers(1, max_channels)) for _ in range(num_experts)]
+    cuts = sorted(
+        data.draw(st.lists(st.integers(0, rows), min_size=num_experts - 1, max_size=num_experts - 1))
+    )
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    return channels, torch.tensor([0, *cuts, rows]), g
+
+
 @pytest.mark.parametrize("backend", backends_or_skip("grouped_dwconv"))
 @given(
     num_experts=st.integers(1, 4),
@@ -81,13 +91,8 @@ def test_layernorm2d(backend, shape, dtype, kind, data):
     data=st.data(),
 )
 def test_grouped_dwconv(backend, num_experts, rows, hw, dtype, kind, data):
-    channels = [data.draw(st.integers(1, 6)) for _ in range(num_experts)]
+    channels, offsets, g = _packed_rows(data, num_experts, rows, 6)
     kernels = [data.draw(st.sampled_from([3, 5, 7, 9])) for _ in range(num_experts)]
-    cuts = sorted(
-        data.draw(st.lists(st.integers(0, rows), min_size=num_experts - 1, max_size=num_experts - 1))
-    )
-    offsets = torch.tensor([0, *cuts, rows])
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     weights = [torch.randn(c, 1, k, k, generator=g) / k for c, k in zip(channels, kernels, strict=True)]
     biases = [torch.randn(c, generator=g) for c in channels]
     weight, bias, ch, ks = pack_dwconv_weights(weights, biases)
@@ -133,16 +138,6 @@ def test_dispatch_and_combine(op, batch, num_experts, pattern, feat, dtype, kind
     ref = fn(x, plan, backend="reference")
     for backend in backends:
         close(fn(layout(x, kind), plan, backend=backend), ref, dtype)
-
-
-def _packed_rows(data, num_experts: int, rows: int, max_channels: int):
-    """Per-expert channel counts, offsets with random cuts (empty experts included), a generator."""
-    channels = [data.draw(st.integers(1, max_channels)) for _ in range(num_experts)]
-    cuts = sorted(
-        data.draw(st.lists(st.integers(0, rows), min_size=num_experts - 1, max_size=num_experts - 1))
-    )
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    return channels, torch.tensor([0, *cuts, rows]), g
 
 
 @pytest.mark.parametrize("backend", backends_or_skip("grouped_pointwise"))
