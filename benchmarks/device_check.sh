@@ -18,13 +18,14 @@
 #   --test-filter EXPR  pytest -k expression of the tests-gpu stage (default: "not cpu"; "" for all)
 #   --ops LIST    ops of the op benchmarks (default: all), e.g. layernorm2d,grouped_dwconv
 #   --workloads L model workloads (default: inference,training,video)
-#   --skip LIST   comma-separated stages to leave out: build, tests-gpu, bench-ops,
+#   --skip LIST   comma-separated stages to leave out: build, tests-gpu, profile, bench-ops,
 #                 bench-models, sanitizer, tests-other, report
 #
 # Stages, in order: preflight (versions, GPU, tools), build (setup.py build_ext --inplace,
 # TORCH_CUDA_ARCH_LIST = the local GPU's capability, MAX_JOBS = cores), tests-gpu (the op tests,
 # which run the Triton and CUDA kernels on the GPU when one is present, and the GPU whole-model
-# parity tests, in parallel), bench-ops, bench-models (python -m benchmarks.run), sanitizer
+# parity tests, in parallel), profile (benchmarks.profile_step: the kernels of a training step
+# and an inference, per provider), bench-ops, bench-models (python -m benchmarks.run), sanitizer
 # (compute-sanitizer memcheck over benchmarks.sanitizer_workload: every CUDA op forward and
 # backward at edge shapes; Triton under memcheck did not finish in 75 s on the H200),
 # tests-other (every other test, on this GPU machine), report (python -m benchmarks.report on
@@ -38,7 +39,7 @@
 # are installed to a private folder first, without network.
 set -u -o pipefail
 
-STAGES=(preflight build tests-gpu bench-ops bench-models sanitizer tests-other report)
+STAGES=(preflight build tests-gpu profile bench-ops bench-models sanitizer tests-other report)
 
 usage() {
     sed -n '2,/^set -u/{/^set -u/d;s/^# \{0,1\}//;p}' "$0"
@@ -55,7 +56,7 @@ OUTDIR=""
 # collection order): in 100 s the first H200 run got through 76% of all of tests/ops, whose
 # CPU-only files and cases (-k "not cpu") the GPU adds nothing to.
 TEST_PATHS="tests/model/test_backends_gpu.py tests/ops/test_compiled_messages.py tests/ops/test_*_compiled.py
-    tests/ops/test_*_triton.py tests/ops/test_layernorm2d.py"
+    tests/ops/test_*_triton.py tests/ops/test_layernorm2d.py tests/ops/test_dwconv_gelu_gate.py"
 TEST_FILTER="not cpu"
 OPS_ARG=()
 WORKLOADS_ARG=()
@@ -139,11 +140,11 @@ MIN_STAGE=8
 # benchmarks (eager backends first, torch.compile of the reference when time is left), then the
 # rest of the suite with what remains. A dry run's toy benchmarks need far less.
 if ((DRY_RUN)); then
-    declare -A FLOOR=([bench-ops]=15 [bench-models]=20)
+    declare -A FLOOR=([profile]=10 [bench-ops]=15 [bench-models]=20)
 else
-    declare -A FLOOR=([tests-gpu]=30 [bench-ops]=60 [bench-models]=90 [sanitizer]=30 [tests-other]=40)
+    declare -A FLOOR=([tests-gpu]=30 [profile]=30 [bench-ops]=60 [bench-models]=90 [sanitizer]=30 [tests-other]=40)
 fi
-declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=100 [bench-ops]=80 [bench-models]=180 [sanitizer]=75
+declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=100 [profile]=70 [bench-ops]=80 [bench-models]=180 [sanitizer]=75
     [tests-other]=600 [report]=30)
 FAILED=0
 
@@ -315,6 +316,14 @@ if ((DRY_RUN)); then
 else
     BENCH=("$PY" -m benchmarks.run --device cuda --output "$OUTDIR/results" --deadline @DEADLINE@)
 fi
+# Where the training step's and the inference's time goes, reference against auto (kernels by
+# device time, device busy time against wall time): what the model benchmarks cannot say.
+if ((DRY_RUN)); then
+    PROFILE=("$PY" -m benchmarks.profile_step --device cpu --size tiny --steps 1 --top 5 --workloads inference)
+else
+    PROFILE=("$PY" -m benchmarks.profile_step --device cuda --providers reference,auto,auto-sync-free)
+fi
+run_stage profile "${PROFILE[@]}" --output "$OUTDIR/results"
 run_stage bench-ops "${BENCH[@]}" --suite ops "${OPS_ARG[@]}"
 run_stage bench-models "${BENCH[@]}" --suite models "${WORKLOADS_ARG[@]}"
 
