@@ -15,9 +15,9 @@ Providers: every model backend that runs here (``model.set_backend``: reference,
 cpu, triton) in eager mode, ``compiled-reference``: ``torch.compile`` of the reference, and
 ``compiled-auto``: ``torch.compile`` of the fastest backend (on GPU; on the CPU only with
 ``--compile``), ``auto-sync-free``: the fastest backend with the adapters on the sync-free expert
-path (``model.set_expert_path("sync_free")``), and ``graphed-auto`` (GPU, inference and video
-only): that forward captured once in a CUDA graph and replayed. Peak memory (GPU) is ``max_memory_allocated``
-over one call.
+path (``model.set_expert_path("sync_free")``), and ``graphed-auto`` (GPU): the inference forward or
+the whole training step (``moceir.cuda_graphs``) captured once in a CUDA graph and replayed.
+Peak memory (GPU) is ``max_memory_allocated`` over one call.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moceir
 from benchmarks.common import Deadline, measure, roofline_ms, synchronize
+from moceir.cuda_graphs import GraphedInference, GraphedTrainStep
 
 VIDEO = (1080, 1920)
 #: The network of ``--tiny`` runs: MoCE-IR-S's structure, narrower and one block per level.
@@ -124,7 +125,8 @@ COMPILE_NEEDS_S = 90.0
 COMPILED_PROVIDERS = ("compiled-reference", "compiled-auto")
 #: The fastest backend with the adapters on the sync-free expert path, eager.
 SYNC_FREE_PROVIDER = "auto-sync-free"
-#: The same forward captured in a CUDA graph and replayed (inference workloads, GPU).
+#: The fastest backend captured in a CUDA graph and replayed (GPU): the inference forward, or the
+#: whole training step (forward, loss, backward, a capturable AdamW step).
 GRAPHED_PROVIDER = "graphed-auto"
 #: Main workloads: every eager provider runs these before anything else.
 MAIN_WORKLOADS = 3
@@ -407,27 +409,6 @@ def _backend_of(provider: str) -> str:
     return provider.removeprefix("compiled-")
 
 
-def _graphed(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Capture ``model(x)`` (inference) in a CUDA graph; the returned function replays it.
-
-    The adapters take the sync-free expert path while the graph is captured ("auto")."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.inference_mode(), torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up on a side stream: kernels load, metadata reaches the GPU
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        out = model(x)
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
-
-
 def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -484,7 +465,8 @@ class ModelBench:
         model.set_backend(_backend_of(provider))
         model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
         if provider == GRAPHED_PROVIDER:
-            return model, _graphed(model, x)
+            graphed = GraphedInference(model, x)
+            return model, graphed.replay
         runner = _compile(model) if provider.startswith("compiled-") else model
 
         def fn():
@@ -494,21 +476,27 @@ class ModelBench:
         return model, fn
 
     def _training_fn(self, wl: Workload, provider: str):
-        if provider == GRAPHED_PROVIDER:
-            raise NotImplementedError("graphed-auto times inference only (a training step is not captured)")
         model = copy.deepcopy(self.base).train()
         model.set_backend(_backend_of(provider))
         model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
         runner = _compile(model) if provider.startswith("compiled-") else model
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         x = torch.rand(wl.shape, device=self.device)
         y = torch.rand(wl.shape, device=self.device)
         autocast = wl.precision == "bf16-autocast"
 
+        def loss_fn(net, out, target):
+            return F.l1_loss(out.float(), target) + 0.01 * net.total_loss
+
+        if provider == GRAPHED_PROVIDER:
+            # The whole step in one CUDA graph: Adam's step must be capturable.
+            opt = torch.optim.AdamW(model.parameters(), lr=2e-4, capturable=True)
+            graphed = GraphedTrainStep(model, opt, loss_fn, x, y, torch.bfloat16 if autocast else None)
+            return model, graphed.replay
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+
         def step():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = runner(x)
-                loss = F.l1_loss(out.float(), y) + 0.01 * model.total_loss
+                loss = loss_fn(model, runner(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -600,9 +588,6 @@ def run_models(
         }
         if wl.scaled_from:
             base["scaled_from"] = list(wl.scaled_from)
-        if provider == GRAPHED_PROVIDER and wl.kind == "training":
-            emit(base | {"status": "skipped", "error": "graphed-auto times inference only"})
-            continue
         compiling = provider.startswith("compiled-") and size != "tiny"
         # An eager job needs about what the reference took on this workload (before it has run:
         # what the last job took), twice over for safety.

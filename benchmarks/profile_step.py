@@ -100,13 +100,20 @@ def render(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workloads", default="training,inference")
     parser.add_argument("--providers", default="reference,auto")
-    parser.add_argument("--size", choices=("full", "quick", "tiny"), default=None,
-                        help="workload sizes of benchmarks.models (default: quick on GPU, tiny on CPU)")
+    parser.add_argument(
+        "--size",
+        choices=("full", "quick", "tiny"),
+        default=None,
+        help="workload sizes of benchmarks.models (default: quick on GPU, tiny on CPU)",
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
@@ -126,14 +133,21 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 results.append(profile_job(bench, wl, provider, args.steps, args.top))
             except Exception as e:  # noqa: BLE001  (one broken provider must not stop the rest)
-                results.append({"workload": wl.kind, "case": wl.case, "precision": wl.precision,
-                                "provider": provider, "error": f"{type(e).__name__}: {e}"[:400]})
+                results.append(
+                    {
+                        "workload": wl.kind,
+                        "case": wl.case,
+                        "precision": wl.precision,
+                        "provider": provider,
+                        "error": f"{type(e).__name__}: {e}"[:400],
+                    }
+                )
             print(render(results[-1:]), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     args.output.mkdir(parents=True, exist_ok=True)
-    base = args.output / f"{device.type}-{stamp}-profile"
+    base = args.output / f"profile-{device.type}-{stamp}"
     payload = {"environment": environment(device), "steps": args.steps, "results": results}
     base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     base.with_suffix(".txt").write_text(render(results) + "\n")

@@ -2,7 +2,17 @@
 
 from moceir.checkpoint import load_checkpoint, save_checkpoint
 from moceir.config import CONFIGS, MoCEIRConfig
+from moceir.cuda_graphs import GraphedInference, GraphedTrainStep
 from moceir.model import MoCEIR, build_model
 
-__all__ = ["CONFIGS", "MoCEIR", "MoCEIRConfig", "build_model", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CONFIGS",
+    "GraphedInference",
+    "GraphedTrainStep",
+    "MoCEIR",
+    "MoCEIRConfig",
+    "build_model",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ STAGES = [
     "preflight",
     "build",
     "tests-gpu",
+    "profile",
     "bench-ops",
     "bench-models",
     "sanitizer",

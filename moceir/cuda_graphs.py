@@ -1,0 +1,313 @@
+"""CUDA graphs of a whole MoCE-IR inference forward or training step.
+
+An eager training step of MoCE-IR-S launches ~16,000 kernels (batch 8, 128 x 128, bf16
+autocast; measured on an H100, where those kernels kept the GPU busy ~100 ms of a ~520 ms
+step): the step is bound by the host. A captured graph replays every kernel of the step from
+one host call. What it needs, and what these classes arrange:
+
+- no host synchronisation inside the step: the adapters take the sync-free expert path (set for
+  the warm-up and the capture, then restored), with a fast backend ("auto", "cuda", "triton";
+  the reference reads routing counts on the host), and the model's input NaN check steps aside;
+- fixed shapes and addresses: inputs are copied into static buffers, outputs live in the
+  graph's memory pool and are overwritten by the next replay (``__call__`` returns a copy
+  unless asked not to);
+- for training, an optimizer that can be captured (``torch.optim.Adam``/``AdamW`` with
+  ``capturable=True``; a tensor learning rate can then change between replays, see
+  :meth:`GraphedTrainStep.set_lr`), gradients the graph owns (set to None before the capture,
+  so the backward allocates them in the pool and each replay overwrites them), and autocast
+  without its weight cache (``cache_enabled=False``, as torch asks for graphs).
+
+Warm-up steps run before the capture (on a side stream, as torch asks); for training they
+update the weights, so the weights and the optimizer state are saved before and put back after
+(nothing the caller had is changed by building the step). Random draws (the routing noise)
+come from the default CUDA generator, which graphs advance at each replay.
+
+Same step as our trainer's: an expert that no image chose gets a zero gradient in the graph,
+and AdamW would still decay it and move it by its momentum, where ``moceir.train`` sets such
+experts' gradients to None so that AdamW leaves them untouched (as the official training does).
+``GraphedTrainStep`` puts their weights and optimizer state back after the step, from the
+routing counts on the device (``skip_unused_experts=True``, the default). The per-step loss is
+a device tensor (reading it synchronises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .layers.adapter import MoCELayer
+
+#: Optimizers whose step torch can capture (with ``capturable=True``).
+CAPTURABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _check_model(model: nn.Module, what: str) -> list[MoCELayer]:
+    params = list(model.parameters())
+    if not params or not params[0].is_cuda:
+        raise ValueError(
+            f"{what} needs the model on a CUDA device, got {params[0].device if params else 'no parameters'}"
+        )
+    backend = getattr(model, "backend", None)
+    if backend == "reference":
+        raise ValueError(
+            f"{what} needs a fast backend: the reference reads the routing counts on the host, which a "
+            "CUDA graph cannot capture; call model.set_backend('auto') (or 'cuda' / 'triton') first"
+        )
+    return [m for m in model.modules() if isinstance(m, MoCELayer)]
+
+
+def _check_example(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the model's device {device}, got {t.device}")
+
+
+@contextmanager
+def _capture_settings(model: nn.Module, adapters: list[MoCELayer]):
+    """The sync-free expert path and no input NaN check (a host read) while warming up and
+    capturing; the model's own settings afterwards."""
+    paths = [a.expert_path for a in adapters]
+    check = getattr(model, "check_inputs", None)
+    for a in adapters:
+        a.expert_path = "sync_free"
+    if check is not None:
+        model.check_inputs = False
+    try:
+        yield
+    finally:
+        for a, p in zip(adapters, paths, strict=True):
+            a.expert_path = p
+        if check is not None:
+            model.check_inputs = check
+
+
+def _copy_into(static: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.shape != static.shape or value.dtype != static.dtype:
+        raise ValueError(
+            f"{name} must have the captured shape {tuple(static.shape)} and dtype {static.dtype}, "
+            f"got {tuple(value.shape)} {value.dtype} (capture another graph for another shape)"
+        )
+    static.copy_(value)
+
+
+class UnusedExperts:
+    """Undoes an optimizer step for the experts that no image chose, without a host read.
+
+    Those experts' gradients are zeros (or absent, per path); our trainer sets them to None
+    after reading the routing counts on the host, so that the optimizer skips them. ``kept =
+    guard.keep()`` before ``optimizer.step()`` and ``guard.undo(kept)`` after it put their
+    weights and optimizer state back, as chosen by each adapter's last routing counts on the
+    device: the same step without the host read.
+    """
+
+    def __init__(self, adapters: list[MoCELayer], optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        # (adapter, expert index, the expert's parameters).
+        self.experts = [(a, e, list(ex.parameters())) for a in adapters for e, ex in enumerate(a.experts)]
+
+    def _tensors(self, params: list[nn.Parameter]) -> dict[tuple, torch.Tensor]:
+        """An expert's weights and their optimizer state tensors, keyed (parameter, state name)."""
+        found = {}
+        for i, p in enumerate(params):
+            found[(i, "")] = p.detach()
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    found[(i, k)] = v
+        return found
+
+    def keep(self) -> list[dict[tuple, torch.Tensor]]:
+        """Copies, before the optimizer step, of what it will change for each expert (foreach:
+        a few launches per expert; inside the graph they are replayed, not launched)."""
+        kept = []
+        for _, _, params in self.experts:
+            now = self._tensors(params)
+            kept.append(dict(zip(now, torch._foreach_mul(list(now.values()), 1.0), strict=True)))
+        return kept
+
+    def undo(self, kept: list[dict[tuple, torch.Tensor]]) -> None:
+        """t = t * used + kept * (1 - used) per expert, with ``used`` from the routing counts on
+        the device: exact for used in {0, 1}. State the step created (Adam's first step) has no
+        copy: it is zeroed for an unused expert, which is where a fresh state starts."""
+        with torch.no_grad():
+            for (adapter, e, params), before in zip(self.experts, kept, strict=True):
+                used = (adapter.last_plan.counts[e] > 0).to(torch.float32)
+                after = self._tensors(params)
+                torch._foreach_mul_(list(after.values()), used)
+                keys = [k for k in after if k in before]
+                if keys:
+                    restored = torch._foreach_mul([before[k] for k in keys], 1.0 - used)
+                    torch._foreach_add_([after[k] for k in keys], restored)
+
+
+class GraphedInference:
+    """``model(x)`` (no autograd) captured in a CUDA graph for inputs of ``example``'s shape.
+
+    ``graphed(x)`` copies ``x`` into the graph's input, replays, and returns the output (a copy
+    unless ``copy_output=False``: then the graph's own output tensor, overwritten by the next
+    call). The model must stay as captured: other weights (the same tensors updated in place are
+    fine), a new backend or mode need a new capture. Raises ValueError for a model on the CPU or
+    on the reference backend, and for inputs of another shape or dtype.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 2) -> None:
+        adapters = _check_model(model, "GraphedInference")
+        device = next(model.parameters()).device
+        _check_example("example", example, device)
+        self.model = model
+        self.static_input = example.detach().clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with _capture_settings(model, adapters), torch.inference_mode():
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # kernels load, per-configuration metadata reaches the GPU
+                    model(self.static_input)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.cuda.graph(self.graph):
+                self.static_output = model(self.static_input)
+
+    def replay(self) -> torch.Tensor:
+        """Run the graph on what the input buffer holds; returns the graph's output tensor."""
+        self.graph.replay()
+        return self.static_output
+
+    def __call__(self, x: torch.Tensor, copy_output: bool = True) -> torch.Tensor:
+        _copy_into(self.static_input, x, "x")
+        out = self.replay()
+        return out.clone() if copy_output else out
+
+
+class GraphedTrainStep:
+    """One training step (forward, loss, backward, optimizer step) captured in a CUDA graph.
+
+    ``step(x, target)`` copies the batch into the graph's buffers, replays, and returns the
+    loss as a device tensor (the graph's own, overwritten by the next step). ``loss_fn(model,
+    output, target)`` builds the loss inside the graph (add ``model.total_loss`` there for the
+    routing loss). ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward under autocast.
+    ``skip_unused_experts``: leave the weights and optimizer state of experts that no image
+    chose as they were (eager semantics, see the module's docstring); False lets the optimizer
+    update them from zero gradients (a little less work).
+
+    Raises ValueError for a model on the CPU or on the reference backend, an optimizer that
+    torch cannot capture (Adam/AdamW with ``capturable=True`` can be), or batches whose shape
+    or dtype differ from the examples'.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+        example_input: torch.Tensor,
+        example_target: torch.Tensor,
+        autocast_dtype: torch.dtype | None = None,
+        warmup: int = 3,
+        skip_unused_experts: bool = True,
+    ) -> None:
+        adapters = _check_model(model, "GraphedTrainStep")
+        device = next(model.parameters()).device
+        _check_example("example_input", example_input, device)
+        _check_example("example_target", example_target, device)
+        if not isinstance(optimizer, CAPTURABLE_OPTIMIZERS) or not all(
+            g.get("capturable", False) for g in optimizer.param_groups
+        ):
+            raise ValueError(
+                "optimizer must be torch.optim.Adam or AdamW built with capturable=True (a CUDA graph "
+                f"replays its step), got {type(optimizer).__name__} with capturable="
+                f"{[g.get('capturable', False) for g in optimizer.param_groups]}"
+            )
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the optimizer state is created then), got {warmup}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.autocast_dtype = autocast_dtype
+        self._unused = UnusedExperts(adapters, optimizer) if skip_unused_experts else None
+        self.static_input = example_input.detach().clone()
+        self.static_target = example_target.detach().clone()
+        saved = self._save_state()
+        model.train()
+        self.graph = torch.cuda.CUDAGraph()
+        with _capture_settings(model, adapters):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    optimizer.zero_grad(set_to_none=True)
+                    self._body()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            optimizer.zero_grad(set_to_none=True)  # the graph allocates (and owns) the gradients
+            with torch.cuda.graph(self.graph):
+                self.static_loss = self._body()
+        self._restore_state(saved)
+
+    def _body(self) -> torch.Tensor:
+        with torch.autocast(
+            "cuda",
+            dtype=self.autocast_dtype or torch.bfloat16,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=False,
+        ):
+            out = self.model(self.static_input)
+            loss = self.loss_fn(self.model, out, self.static_target)
+        loss.backward()
+        kept = self._unused.keep() if self._unused is not None else None
+        self.optimizer.step()
+        if self._unused is not None:
+            self._unused.undo(kept)
+        return loss.detach()
+
+    def _save_state(self) -> dict:
+        """Copies of the weights, buffers and optimizer state the warm-up steps will change."""
+        with torch.no_grad():
+            return {
+                "params": [p.detach().clone() for p in self.model.parameters()],
+                "buffers": [b.detach().clone() for b in self.model.buffers()],
+                "optim": {
+                    p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                    for p, s in self.optimizer.state.items()
+                },
+            }
+
+    def _restore_state(self, saved: dict) -> None:
+        """Put back what the warm-up changed, in place (the graph holds these very tensors).
+        Optimizer state the warm-up created is zeroed: what a fresh Adam starts from."""
+        with torch.no_grad():
+            for p, v in zip(self.model.parameters(), saved["params"], strict=True):
+                p.copy_(v)
+            for b, v in zip(self.model.buffers(), saved["buffers"], strict=True):
+                b.copy_(v)
+            for p, state in self.optimizer.state.items():
+                before = saved["optim"].get(p, {})
+                for k, v in state.items():
+                    if not isinstance(v, torch.Tensor):
+                        continue
+                    if k in before and isinstance(before[k], torch.Tensor):
+                        v.copy_(before[k])
+                    else:
+                        v.zero_()
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate of every group for the next replays (needs ``lr`` given to
+        the optimizer as a tensor, which the graph reads at each replay)."""
+        for g in self.optimizer.param_groups:
+            if not isinstance(g["lr"], torch.Tensor):
+                raise ValueError(
+                    "set_lr needs the optimizer built with a tensor lr (e.g. lr=torch.tensor(2e-4, "
+                    "device='cuda')): a float lr is baked into the captured graph"
+                )
+            g["lr"].fill_(lr)
+
+    def replay(self) -> torch.Tensor:
+        """One step on what the batch buffers hold; returns the graph's loss tensor."""
+        self.graph.replay()
+        return self.static_loss
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _copy_into(self.static_input, x, "x")
+        _copy_into(self.static_target, target, "target")
+        return self.replay()

@@ -1,0 +1,81 @@
+"""moceir.cuda_graphs without a GPU: what it refuses, with messages that say why (the captures
+themselves are tested on a GPU in test_cuda_graphs_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moceir
+from moceir.cuda_graphs import GraphedInference, GraphedTrainStep
+from tests.model.test_backends_gpu import SMALL
+
+
+def _loss(net, out, target):
+    return (out - target).abs().mean() + net.total_loss
+
+
+def test_a_model_on_the_cpu_is_refused_before_anything_runs():
+    model = moceir.build_model("moce_ir_s", backend="reference", **SMALL)
+    x = torch.rand(1, 3, 8, 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedInference(model, x)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTrainStep(model, torch.optim.AdamW(model.parameters()), _loss, x, x)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_the_module_is_exported():
+    assert moceir.GraphedInference is GraphedInference
+    assert moceir.GraphedTrainStep is GraphedTrainStep
+
+
+def test_unused_experts_guard_turns_a_sync_free_step_into_the_trainers_step():
+    """What GraphedTrainStep replays, run eagerly on the CPU: sync-free steps with the guard reach
+    the weights and optimizer state of our trainer's steps (gradients of experts no image chose
+    set to None from the counts read on the host, skipped by the optimizer); without the guard
+    they do not. SGD with
+    momentum and weight decay: stateful like Adam, but linear in the gradients, so the two
+    paths' rounding differences stay rounding-sized (Adam's first step is ~lr * sign(g))."""
+    import copy  # noqa: PLC0415
+
+    from moceir.cuda_graphs import UnusedExperts  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    per_expert = moceir.build_model("moce_ir_s", backend="reference", **SMALL).train()
+    per_expert.set_expert_path("per_expert")
+    guarded = copy.deepcopy(per_expert).set_expert_path("sync_free")
+    unguarded = copy.deepcopy(guarded)
+    models = (per_expert, guarded, unguarded)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.05) for m in models]
+    guard = UnusedExperts(guarded.adapters(), opts[1])
+    for seed in range(3):
+        x, y = torch.rand(3, 3, 16, 24), torch.rand(3, 3, 16, 24)  # 3 images, 4 experts: some unused
+        for model, opt in zip(models, opts, strict=True):
+            torch.manual_seed(100 + seed)
+            opt.zero_grad(set_to_none=True)
+            _loss(model, model(x), y).backward()
+            if model is per_expert:  # what moceir.train.Trainer.step does after its host read
+                for a in model.adapters():
+                    for e, ex in enumerate(a.experts):
+                        if a.last_plan.counts[e].item() == 0:
+                            for p in ex.parameters():
+                                p.grad = None
+            kept = guard.keep() if model is guarded else None
+            opt.step()
+            if model is guarded:
+                guard.undo(kept)
+        assert any(c.item() == 0 for a in guarded.adapters() for c in a.last_plan.counts)
+    want = dict(per_expert.named_parameters())
+    for name, p in guarded.named_parameters():
+        torch.testing.assert_close(p, want[name], atol=1e-6, rtol=1e-5, msg=name)
+    state = {n: opts[0].state.get(p, {}) for n, p in per_expert.named_parameters()}
+    for name, p in guarded.named_parameters():
+        for k, v in opts[1].state.get(p, {}).items():
+            # A never-chosen expert has no state eagerly and a zeroed one here: the same start.
+            torch.testing.assert_close(v, state[name].get(k, torch.zeros_like(v)), atol=1e-6, rtol=1e-5)
+    differ = [
+        n for n, p in unguarded.named_parameters() if not torch.allclose(p, want[n], atol=1e-6, rtol=1e-5)
+    ]
+    assert differ, "without the guard the unused experts should have been decayed and moved"
