@@ -49,7 +49,16 @@ def profile_job(bench: ModelBench, wl: Workload, provider: str, steps: int, top:
     events = prof.key_averages()
     if on_gpu:
         # Kernels (and memcpy/memset) are the events that ran on the device by themselves.
-        rows = [e for e in events if _self_device_us(e) > 0 and e.device_type.name != "CPU"]
+        # User annotations (``Optimizer.step#AdamW.step``, ``ProfilerStep#``) carry their
+        # children's device time again: leave them out, or the busy time counts kernels twice.
+        rows = [
+            e
+            for e in events
+            if _self_device_us(e) > 0
+            and e.device_type.name != "CPU"
+            and not getattr(e, "is_user_annotation", False)
+            and "#" not in e.key
+        ]
         if not rows:  # older layouts: device time hangs off the CPU-side launch events
             rows = [e for e in events if _self_device_us(e) > 0]
         key = _self_device_us
