@@ -289,7 +289,9 @@ fi
 # ---- tests on the GPU ----------------------------------------------------------------------
 # pytest through benchmarks.interruptible: the budget's SIGINT must reach it even when this
 # script runs in the background (pytest then still writes its junit file).
-PYTEST=("$PY" -m benchmarks.interruptible pytest -p no:cacheprovider -q -rfE --durations=10 --ignore=tests/benchmarks)
+# -rA: a line per test in the log, passed ones too: the junit file of an xdist run stopped by the
+# budget keeps only some tests, and the log then still says which passed.
+PYTEST=("$PY" -m benchmarks.interruptible pytest -p no:cacheprovider -q -rA --durations=10 --ignore=tests/benchmarks)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=300)
 # The op tests run their Triton and CUDA cases on the GPU when one is present (the CPU-only cases
 # are quick); tests/model/test_backends_gpu.py is the whole model per backend on the GPU.

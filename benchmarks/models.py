@@ -394,11 +394,13 @@ def model_providers(model: moceir.MoCEIR, device: torch.device) -> tuple[list[st
         finally:
             model.set_backend("reference")
     if "auto" in usable:
-        usable.append(SYNC_FREE_PROVIDER)
+        # Right after "auto": a run cut by its deadline still has the graphed step (the H100 run
+        # of 2026-11-26 spent its time on cuda and triton and never reached it).
         if device.type == "cuda":
-            usable.append(GRAPHED_PROVIDER)
+            usable.insert(usable.index("auto") + 1, GRAPHED_PROVIDER)
         else:
             unavailable[GRAPHED_PROVIDER] = "CUDA graphs need a CUDA GPU"
+        usable.append(SYNC_FREE_PROVIDER)
     return usable, unavailable
 
 
