@@ -232,18 +232,20 @@ class GraphedTrainStep:
         saved = self._save_state()
         model.train()
         self.graph = torch.cuda.CUDAGraph()
-        with _capture_settings(model, adapters):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    optimizer.zero_grad(set_to_none=True)
-                    self._body()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            optimizer.zero_grad(set_to_none=True)  # the graph allocates (and owns) the gradients
-            with torch.cuda.graph(self.graph):
-                self.static_loss = self._body()
-        self._restore_state(saved)
+        try:  # the weights are put back even when a warm-up step or the capture fails
+            with _capture_settings(model, adapters):
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        optimizer.zero_grad(set_to_none=True)
+                        self._body()
+                torch.cuda.current_stream(device).wait_stream(stream)
+                optimizer.zero_grad(set_to_none=True)  # the graph allocates (and owns) the gradients
+                with torch.cuda.graph(self.graph):
+                    self.static_loss = self._body()
+        finally:
+            self._restore_state(saved)
 
     def _body(self) -> torch.Tensor:
         with torch.autocast(
