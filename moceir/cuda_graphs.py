@@ -190,9 +190,14 @@ class GraphedTrainStep:
     loss as a device tensor (the graph's own, overwritten by the next step). ``loss_fn(model,
     output, target)`` builds the loss inside the graph (add ``model.total_loss`` there for the
     routing loss). ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward under autocast.
+    ``clip_grad`` > 0 clips the gradients' global norm inside the graph (no host read).
     ``skip_unused_experts``: leave the weights and optimizer state of experts that no image
     chose as they were (eager semantics, see the module's docstring); False lets the optimizer
     update them from zero gradients (a little less work).
+
+    ``capture=False`` runs the very same step eagerly at each call, with no graph (and no CUDA,
+    capturable optimizer or warm-up needed): to debug a captured step against it, and how
+    ``moceir.train`` runs its ``cuda_graph`` mode on a CPU.
 
     Raises ValueError for a model on the CPU or on the reference backend, an optimizer that
     torch cannot capture (Adam/AdamW with ``capturable=True`` can be), or batches whose shape
@@ -209,13 +214,19 @@ class GraphedTrainStep:
         autocast_dtype: torch.dtype | None = None,
         warmup: int = 3,
         skip_unused_experts: bool = True,
+        clip_grad: float = 0.0,
+        capture: bool = True,
     ) -> None:
-        adapters = _check_model(model, "GraphedTrainStep")
+        if capture:
+            adapters = _check_model(model, "GraphedTrainStep")
+        else:
+            adapters = [m for m in model.modules() if isinstance(m, MoCELayer)]
         device = next(model.parameters()).device
         _check_example("example_input", example_input, device)
         _check_example("example_target", example_target, device)
-        if not isinstance(optimizer, CAPTURABLE_OPTIMIZERS) or not all(
-            g.get("capturable", False) for g in optimizer.param_groups
+        if capture and (
+            not isinstance(optimizer, CAPTURABLE_OPTIMIZERS)
+            or not all(g.get("capturable", False) for g in optimizer.param_groups)
         ):
             raise ValueError(
                 "optimizer must be torch.optim.Adam or AdamW built with capturable=True (a CUDA graph "
@@ -224,11 +235,18 @@ class GraphedTrainStep:
             )
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the optimizer state is created then), got {warmup}")
+        if not clip_grad >= 0:
+            raise ValueError(f"clip_grad must be >= 0 (0: no clipping), got {clip_grad}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.clip_grad, self.capture = autocast_dtype, float(clip_grad), capture
+        self._device_type = device.type
+        self._adapters = adapters
         self._unused = UnusedExperts(adapters, optimizer) if skip_unused_experts else None
         self.static_input = example_input.detach().clone()
         self.static_target = example_target.detach().clone()
+        self.graph = None
+        if not capture:
+            return
         saved = self._save_state()
         model.train()
         self.graph = torch.cuda.CUDAGraph()
@@ -249,7 +267,7 @@ class GraphedTrainStep:
 
     def _body(self) -> torch.Tensor:
         with torch.autocast(
-            "cuda",
+            self._device_type,
             dtype=self.autocast_dtype or torch.bfloat16,
             enabled=self.autocast_dtype is not None,
             cache_enabled=False,
@@ -257,6 +275,11 @@ class GraphedTrainStep:
             out = self.model(self.static_input)
             loss = self.loss_fn(self.model, out, self.static_target)
         loss.backward()
+        if self.clip_grad > 0:
+            # foreach norms and scaling, no host read (error_if_nonfinite would be one); zero
+            # gradients of unused experts add nothing to the norm, as None ones would not.
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         kept = self._unused.keep() if self._unused is not None else None
         self.optimizer.step()
         if self._unused is not None:
@@ -294,18 +317,27 @@ class GraphedTrainStep:
                         v.zero_()
 
     def set_lr(self, lr: float) -> None:
-        """Change the learning rate of every group for the next replays (needs ``lr`` given to
-        the optimizer as a tensor, which the graph reads at each replay)."""
+        """Change the learning rate of every group for the next steps. A captured graph reads
+        it only from a tensor ``lr`` given to the optimizer (a float is baked into the graph)."""
         for g in self.optimizer.param_groups:
-            if not isinstance(g["lr"], torch.Tensor):
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr)
+            elif self.capture:
                 raise ValueError(
                     "set_lr needs the optimizer built with a tensor lr (e.g. lr=torch.tensor(2e-4, "
                     "device='cuda')): a float lr is baked into the captured graph"
                 )
-            g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
 
     def replay(self) -> torch.Tensor:
-        """One step on what the batch buffers hold; returns the graph's loss tensor."""
+        """One step on what the batch buffers hold; returns the step's loss tensor (with a
+        graph, the graph's own)."""
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            with _capture_settings(self.model, self._adapters):
+                self.model.train()
+                return self._body()
         self.graph.replay()
         return self.static_loss
 

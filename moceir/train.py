@@ -46,6 +46,7 @@ import moce_kernels
 import moceir
 from moceir.checkpoint import read_state_dict, save_checkpoint
 from moceir.config import CONFIG_FIELDS, CONFIGS
+from moceir.cuda_graphs import GraphedTrainStep
 from moceir.data.layouts import (
     TASK_ALIASES,
     TASKS,
@@ -170,8 +171,19 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
                 tensors[f"optim/{idx}/{name}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}/{name}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [{k: _group_value(k, v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _group_value(key: str, value):
+    """A param-group setting as JSON. The ``cuda_graph`` mode's device-tensor lr is saved as a
+    number and ``capturable`` as False: how a step runs is not state, and a resumed run (graph
+    or not, CPU or GPU) sets them again."""
+    if key == "capturable":
+        return False
+    if isinstance(value, torch.Tensor):
+        return float(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -327,11 +339,40 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _check_cuda_graph_device(device: torch.device) -> None:
+    # The Trainer itself runs its cuda_graph mode on a CPU as the same step without a graph
+    # (GraphedTrainStep(capture=False), for tests); the command line promises a graph.
+    if device.type != "cuda":
+        raise CLIError(f"--cuda-graph needs a CUDA device, got --device {device}")
+
+
+def _check_cuda_graph_training(
+    model: moceir.MoCEIR, stream: TrainingStream, recipe: Recipe, dist_info: Dist, compile_model: bool
+) -> None:
+    """What a training step captured in a CUDA graph cannot do, said before anything runs."""
+    problems = []
+    if model.backend == "reference":
+        problems.append("a fast --backend (the reference reads routing counts on the host)")
+    if stream.accumulation != 1:
+        problems.append("--accumulation 1")
+    if dist_info.world != 1:
+        problems.append("one process (no torchrun)")
+    if recipe.amp == "fp16":
+        problems.append("--amp bf16 or none (fp16's gradient scaler reads the host)")
+    if compile_model:
+        problems.append("no --compile (use one or the other)")
+    if problems:
+        raise CLIError("--cuda-graph needs " + ", ".join(problems))
+
+
 class Trainer:
     """One training run: model, optimiser, data stream, schedule, checkpoints, logs.
 
     ``step()`` runs one optimiser step over ``accumulation`` micro-batches; ``fit()`` loops to
-    ``recipe.total_steps`` with a progress bar, logging and checkpoints.
+    ``recipe.total_steps`` with a progress bar, logging and checkpoints. ``cuda_graph``: the
+    step (forward, loss, backward, clipping, AdamW) is captured in a CUDA graph on the first
+    batch and replayed (``moceir.cuda_graphs.GraphedTrainStep``: the sync-free expert path,
+    experts no image chose left untouched as here); on a CPU the same step runs without a graph.
     """
 
     def __init__(
@@ -349,6 +390,7 @@ class Trainer:
         tensorboard: bool = True,
         progress: bool = True,
         compile_model: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         self.dist = dist_info or Dist()
         self.model = model.to(device).train()
@@ -371,6 +413,10 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        self.cuda_graph = cuda_graph
+        self._graphed: GraphedTrainStep | None = None
+        if cuda_graph:
+            _check_cuda_graph_training(model, stream, recipe, self.dist, compile_model)
         if compile_model:
             # With a fast backend the forward is one graph: the adapters take the sync-free expert
             # path while compiling, whose shapes do not depend on the routing, so a new routing
@@ -449,6 +495,8 @@ class Trainer:
         """One optimiser step; returns the mean loss parts and the learning rate."""
         if self._loader_iter is None:
             self._loader_iter = self._batches()
+        if self.cuda_graph:
+            return self._graphed_step()
         acc = self.stream.accumulation
         num_adapters = len(self.expert_params)
         usage = torch.zeros(num_adapters, self.num_experts, device=self.device)
@@ -500,6 +548,55 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.recipe.clip_grad)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.last_usage = counts
+        loss, l1, fft, aux = (float(v) for v in host[usage.numel() :])
+        return {"loss": loss, "l1": l1, "fft": fft, "aux": aux, "lr": lr}
+
+    def _graph_loss(self, net: nn.Module, out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        loss, parts = restoration_loss(out, gt, net.total_loss, self.weights)
+        # Captured once: these tensors then hold each replay's values.
+        self._graph_parts = torch.stack([loss.detach(), parts["l1"], parts["fft"], parts["aux"]])
+        return loss
+
+    def _build_graph(self, lq: torch.Tensor, gt: torch.Tensor) -> GraphedTrainStep:
+        """The step captured on the first batch (after a resume: of the resumed optimizer). AdamW
+        is made capturable here, its lr a device tensor the graph reads at each replay."""
+        capture = self.device.type == "cuda"
+        if capture:
+            for g in self.optimizer.param_groups:
+                g["capturable"] = True
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].to(self.device, torch.float32)
+        return GraphedTrainStep(
+            self.model,
+            self.optimizer,
+            self._graph_loss,
+            lq,
+            gt,
+            autocast_dtype=self.amp_dtype,
+            clip_grad=self.recipe.clip_grad,
+            capture=capture,
+        )
+
+    def _graphed_step(self) -> dict[str, float]:
+        """``step()`` with forward, backward and AdamW in one CUDA graph (see ``cuda_graph``)."""
+        batch = next(self._loader_iter)
+        lq = batch["degraded"].to(self.device, non_blocking=True)
+        gt = batch["clean"].to(self.device, non_blocking=True)
+        if self._graphed is None:
+            self._graphed = self._build_graph(lq, gt)
+        lr = lr_at(self.step_count, self.recipe)
+        self._graphed.set_lr(lr)
+        torch.manual_seed(noise_seed(self.recipe.seed, self.step_count, 0))  # after the build's warm-up
+        self._graphed(lq, gt)
+        usage = torch.stack(
+            [torch.bincount(c.reshape(-1), minlength=self.num_experts) for c in self.model.routing_choices()]
+        )
+        host = torch.cat([usage.reshape(-1).float(), self._graph_parts]).cpu().numpy()  # the one sync
+        counts = host[: usage.numel()].reshape(usage.shape).astype(np.int64)
         self.step_count += 1
         self.last_usage = counts
         loss, l1, fft, aux = (float(v) for v in host[usage.numel() :])
@@ -677,6 +774,8 @@ def _run(args: argparse.Namespace, dist_info: Dist, device: torch.device) -> int
         )
     if args.batch_size < 1 or args.accumulation < 1:
         raise CLIError("--batch-size and --accumulation must be >= 1")
+    if args.cuda_graph:
+        _check_cuda_graph_device(device)
     if args.crop < 8:
         raise CLIError("--crop must be >= 8")
     tasks = [canonical_task(t) for t in args.tasks]
@@ -733,6 +832,7 @@ def _run(args: argparse.Namespace, dist_info: Dist, device: torch.device) -> int
         tensorboard=not args.no_tensorboard,
         progress=not args.quiet,
         compile_model=args.compile,
+        cuda_graph=args.cuda_graph,
     )
     if ckpt is not None:
         trainer.resume(ckpt)
@@ -886,6 +986,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="torch.compile the model (one graph with a fast backend; the first steps compile)",
+    )
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the whole step (forward, backward, AdamW) in a CUDA graph and replay it: one host "
+        "call per step (CUDA, a fast backend, --accumulation 1, one process, no fp16)",
     )
     parser.set_defaults(func=run)
     _DEFAULTS.update({a: parser.get_default(a) for a in RECIPE_ARGS})

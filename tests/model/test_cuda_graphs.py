@@ -79,3 +79,44 @@ def test_unused_experts_guard_turns_a_sync_free_step_into_the_trainers_step():
         n for n, p in unguarded.named_parameters() if not torch.allclose(p, want[n], atol=1e-6, rtol=1e-5)
     ]
     assert differ, "without the guard the unused experts should have been decayed and moved"
+
+
+def test_uncaptured_step_is_the_captured_steps_computation_on_the_cpu():
+    """``capture=False`` runs the body a graph would capture (sync-free path, clipping, AdamW,
+    unused experts undone) eagerly: bit for bit the same as writing those steps out by hand."""
+    import copy  # noqa: PLC0415
+
+    from moceir.cuda_graphs import UnusedExperts  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    by_hand = moceir.build_model("moce_ir_s", backend="reference", **SMALL).train()
+    model = copy.deepcopy(by_hand)
+    opt_hand = torch.optim.AdamW(by_hand.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x0 = torch.rand(3, 3, 16, 24)
+    step = GraphedTrainStep(model, opt, _loss, x0, x0, clip_grad=0.5, capture=False)
+    assert model.check_inputs and all(a.expert_path == "auto" for a in model.adapters())
+    step.set_lr(5e-4)
+    assert opt.param_groups[0]["lr"] == 5e-4
+    opt_hand.param_groups[0]["lr"] = 5e-4
+    guard = UnusedExperts(by_hand.adapters(), opt_hand)
+    by_hand.set_expert_path("sync_free")
+    for seed in range(2):
+        x, y = torch.rand(3, 3, 16, 24), torch.rand(3, 3, 16, 24)
+        torch.manual_seed(seed)
+        got = step(x, y)
+        torch.manual_seed(seed)
+        opt_hand.zero_grad(set_to_none=True)
+        want = _loss(by_hand, by_hand(x), y)
+        want.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in by_hand.parameters() if p.grad is not None], 0.5)
+        kept = guard.keep()
+        opt_hand.step()
+        guard.undo(kept)
+        assert torch.equal(got, want.detach())
+    for p, q in zip(by_hand.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="captured shape"):
+        step(x[:1], y[:1])
+    with pytest.raises(ValueError, match="clip_grad"):
+        GraphedTrainStep(model, opt, _loss, x0, x0, clip_grad=-1.0, capture=False)
