@@ -18,6 +18,8 @@
 #   --test-filter EXPR  pytest -k expression of the tests-gpu stage (default: "not cpu"; "" for all)
 #   --ops LIST    ops of the op benchmarks (default: all), e.g. layernorm2d,grouped_dwconv
 #   --workloads L model workloads (default: inference,training,video)
+#   --model-providers L  model providers to time (default: all), e.g.
+#                 reference,auto,graphed-auto,compiled-reference
 #   --skip LIST   comma-separated stages to leave out: build, tests-gpu, profile, bench-ops,
 #                 bench-models, sanitizer, tests-other, report
 #
@@ -60,6 +62,7 @@ TEST_PATHS="tests/model/test_backends_gpu.py tests/ops/test_compiled_messages.py
 TEST_FILTER="not cpu"
 OPS_ARG=()
 WORKLOADS_ARG=()
+PROVIDERS_ARG=()
 BUDGET=450
 DRY_RUN=0
 SKIP=""
@@ -82,13 +85,14 @@ while (($#)); do
             shift
             ;;
         --skip=*) SKIP=${1#*=} ;;
-        --tests | --test-filter | --ops | --workloads)
+        --tests | --test-filter | --ops | --workloads | --model-providers)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
                 --tests) TEST_PATHS=$2 ;;
                 --test-filter) TEST_FILTER=$2 ;;
                 --ops) OPS_ARG=(--ops "$2") ;;
                 --workloads) WORKLOADS_ARG=(--workloads "$2") ;;
+                --model-providers) PROVIDERS_ARG=(--model-providers "$2") ;;
             esac
             shift
             ;;
@@ -327,7 +331,7 @@ else
 fi
 run_stage profile "${PROFILE[@]}" --output "$OUTDIR/results"
 run_stage bench-ops "${BENCH[@]}" --suite ops "${OPS_ARG[@]}"
-run_stage bench-models "${BENCH[@]}" --suite models "${WORKLOADS_ARG[@]}"
+run_stage bench-models "${BENCH[@]}" --suite models "${WORKLOADS_ARG[@]}" "${PROVIDERS_ARG[@]}"
 
 # ---- memory checks of every CUDA and Triton kernel -----------------------------------------
 SANITIZER_BIN=$(command -v compute-sanitizer || true)

@@ -128,12 +128,27 @@ SYNC_FREE_PROVIDER = "auto-sync-free"
 #: The fastest backend captured in a CUDA graph and replayed (GPU): the inference forward, or the
 #: whole training step (forward, loss, backward, a capturable AdamW step).
 GRAPHED_PROVIDER = "graphed-auto"
+#: Every model provider name (which of them run depends on the device and the build).
+MODEL_PROVIDERS = (
+    "reference",
+    "auto",
+    GRAPHED_PROVIDER,
+    "cuda",
+    "cpu",
+    "triton",
+    SYNC_FREE_PROVIDER,
+    *COMPILED_PROVIDERS,
+)
 #: Main workloads: every eager provider runs these before anything else.
 MAIN_WORKLOADS = 3
 
 
 def plan_jobs(
-    wls: list[Workload], providers: list[str], compile_reference: bool, size: str
+    wls: list[Workload],
+    providers: list[str],
+    compile_reference: bool,
+    size: str,
+    compiled_providers: tuple[str, ...] = COMPILED_PROVIDERS,
 ) -> list[tuple[Workload, str]]:
     """(workload, provider) in the order they run: the eager providers on the main workloads,
     the compiled reference of the first workload marked for it (the training step), the eager
@@ -147,8 +162,8 @@ def plan_jobs(
         marked.sort(key=lambda wl: wl.kind != "training")  # the training step first (stable)
         # torch.compile of the reference, and of the fastest backend (our custom ops are opaque
         # to Inductor, which fuses the glue around them), per marked workload.
-        compiled = [(wl, p) for wl in marked for p in COMPILED_PROVIDERS]
-    first = len(COMPILED_PROVIDERS)
+        compiled = [(wl, p) for wl in marked for p in compiled_providers]
+    first = len(compiled_providers)
     return main + compiled[:first] + rest + compiled[first:]
 
 
@@ -564,8 +579,10 @@ def run_models(
     kinds: tuple[str, ...] = ("inference", "training", "video"),
     min_time_s: float = 0.3,
     min_samples: int = 5,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, str]:
-    """Run every workload with every usable provider; each row goes to ``emit``."""
+    """Run every workload with every usable provider (or those of ``only``, in the usual
+    order); each row goes to ``emit``."""
     # Toy sizes check the plumbing: a narrow, one-block-per-level network keeps them fast.
     overrides = TINY_OVERRIDES if size == "tiny" else {}
     model_name = "moce_ir_s" + "".join(f" {k}={v}" for k, v in overrides.items())
@@ -578,7 +595,11 @@ def run_models(
             unavailable[p] = "torch.compile is timed on GPU only (--compile forces it)"
     cost_s: dict[tuple, float] = {}  # measured cost of each job, to skip what cannot fit
     chosen = [wl for wl in workloads(device, size) if wl.kind in kinds]
-    for wl, provider in plan_jobs(chosen, providers, compile_reference, size):
+    compiled_providers = COMPILED_PROVIDERS
+    if only is not None:
+        providers = [p for p in providers if p in only]
+        compiled_providers = tuple(p for p in COMPILED_PROVIDERS if p in only)
+    for wl, provider in plan_jobs(chosen, providers, compile_reference, size, compiled_providers):
         base = {
             "suite": "models",
             "model": model_name,

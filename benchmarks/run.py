@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workloads", default="inference,training,video", help="comma-separated model workloads"
     )
     parser.add_argument(
+        "--model-providers",
+        default=None,
+        help="comma-separated model providers to run (default: every usable one), e.g. "
+        "reference,auto,graphed-auto,compiled-reference: a short GPU run spends its time on these",
+    )
+    parser.add_argument(
         "--dtypes",
         default=None,
         help="op dtypes, e.g. float32,bfloat16 (default: both on GPU, float32 on CPU)",
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.ops.split(",")) - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
+    if args.model_providers:
+        from benchmarks.models import MODEL_PROVIDERS  # noqa: PLC0415
+
+        unknown = set(args.model_providers.split(",")) - set(MODEL_PROVIDERS)
+        if unknown:
+            parser.error(f"unknown model providers {sorted(unknown)}; choose from {MODEL_PROVIDERS}")
     return args
 
 
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 kinds=tuple(args.workloads.split(",")),
                 min_time_s=0.05 if size == "tiny" else 0.3,
                 min_samples=1 if size == "tiny" else 5 if device.type == "cuda" else 3,
+                only=tuple(args.model_providers.split(",")) if args.model_providers else None,
             )
             results.payload["unavailable"]["moce_ir_s"] = why
         results.payload["complete"] = not any(r["status"] == "skipped" for r in results.payload["results"])

@@ -3,6 +3,7 @@ the time breakdown and the order of the model jobs."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -202,6 +203,21 @@ def test_model_jobs_run_the_main_eager_workloads_first():
     assert len(jobs) == 2 * len(wls) + 2 * sum(w.compile for w in wls)
     no_compile = models.plan_jobs(wls, ["reference"], compile_reference=False, size="full")
     assert all(p == "reference" for _, p in no_compile)
+    only_ref = models.plan_jobs(wls, ["reference"], True, "full", compiled_providers=("compiled-reference",))
+    assert [p for _, p in only_ref if p.startswith("compiled-")] == ["compiled-reference"] * sum(
+        w.compile for w in wls
+    )
+
+
+def test_model_providers_can_be_chosen(tmp_path):
+    from benchmarks import run  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        run.parse_args(["--model-providers", "reference,nonsense"])
+    assert run.main(["--suite", "models", "--tiny", "--threads", "1", "--workloads", "inference",
+                     "--model-providers", "reference", "--output", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
+    assert [r["provider"] for r in rows] == ["reference"]
 
 
 def test_model_providers_on_the_cpu():
