@@ -150,17 +150,32 @@ class GraphedInference:
 
     ``graphed(x)`` copies ``x`` into the graph's input, replays, and returns the output (a copy
     unless ``copy_output=False``: then the graph's own output tensor, overwritten by the next
-    call). The model must stay as captured: other weights (the same tensors updated in place are
-    fine), a new backend or mode need a new capture. Raises ValueError for a model on the CPU or
-    on the reference backend, and for inputs of another shape or dtype.
+    call). ``routing_choices`` holds the experts the last call chose, per adapter (as
+    ``model.routing_choices()`` after an eager forward; the model's own attributes belong to the
+    last capture, which may be another graph's). The model must stay as captured: other weights
+    (the same tensors updated in place are fine), a new backend or mode need a new capture.
+    ``capture=False`` runs the same forward eagerly at each call, on any device.
+
+    Raises ValueError for a model on the CPU or on the reference backend (when capturing), and
+    for inputs of another shape or dtype.
     """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 2) -> None:
-        adapters = _check_model(model, "GraphedInference")
+    def __init__(
+        self, model: nn.Module, example: torch.Tensor, warmup: int = 2, capture: bool = True
+    ) -> None:
+        adapters = (
+            _check_model(model, "GraphedInference")
+            if capture
+            else [m for m in model.modules() if isinstance(m, MoCELayer)]
+        )
         device = next(model.parameters()).device
         _check_example("example", example, device)
-        self.model = model
+        self.model, self._adapters = model, adapters
         self.static_input = example.detach().clone()
+        self.graph = None
+        self.routing_choices: list[torch.Tensor] = []
+        if not capture:
+            return
         self.graph = torch.cuda.CUDAGraph()
         with _capture_settings(model, adapters), torch.inference_mode():
             stream = torch.cuda.Stream(device)
@@ -171,16 +186,22 @@ class GraphedInference:
             torch.cuda.current_stream(device).wait_stream(stream)
             with torch.cuda.graph(self.graph):
                 self.static_output = model(self.static_input)
+            self.routing_choices = model.routing_choices()
 
     def replay(self) -> torch.Tensor:
         """Run the graph on what the input buffer holds; returns the graph's output tensor."""
+        if self.graph is None:
+            with _capture_settings(self.model, self._adapters), torch.inference_mode():
+                out = self.model(self.static_input)
+                self.routing_choices = self.model.routing_choices()
+            return out
         self.graph.replay()
         return self.static_output
 
     def __call__(self, x: torch.Tensor, copy_output: bool = True) -> torch.Tensor:
         _copy_into(self.static_input, x, "x")
         out = self.replay()
-        return out.clone() if copy_output else out
+        return out.clone() if copy_output and self.graph is not None else out
 
 
 class GraphedTrainStep:

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,12 +28,15 @@ import torch
 from tqdm import tqdm
 
 import moceir
+from moceir.cuda_graphs import GraphedInference
 from moceir.images import ImageReadError, LoadedImage, collect_inputs, image_size, read_image, write_png
 from moceir.layers.adapter import MoCELayer
 from moceir.runtime import CLIError, add_model_arguments, load_model, resolve_checkpoint, resolve_device
 
 #: Smallest tile the out-of-memory fallback goes down to.
 MIN_TILE = 64
+#: Input shapes whose CUDA graph a ``Restorer(cuda_graph=True)`` keeps (least recently used go).
+MAX_GRAPHS = 4
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -119,6 +122,12 @@ class Restorer:
       at their seams; a larger tile brings the result closer to the whole-image restoration.
       Measured for one small model: ``tests/reliability/test_tiled_restore.py``.
 
+    ``cuda_graph``: each model call replays a CUDA graph captured once per input shape (a
+    tiled image has one tile shape; a short batch is filled up with copies of its last image,
+    whose outputs are dropped), so a call costs one host launch instead of thousands. At most
+    :data:`MAX_GRAPHS` shapes keep their graph (and its memory); on a CPU the same forward runs
+    without a graph (``GraphedInference(capture=False)``, for tests).
+
     Raises ValueError for ``batch_size`` < 1, ``tile`` < 0 or an overlap outside 0..tile-1.
     """
 
@@ -129,19 +138,42 @@ class Restorer:
         batch_size: int = 4,
         tile: int = 0,
         tile_overlap: int = 32,
+        cuda_graph: bool = False,
     ) -> None:
         check_options(batch_size, tile, tile_overlap)
         self.model, self.device = model, device
         self.batch_size, self.tile, self.tile_overlap = batch_size, tile, tile_overlap
         self.dtype = next(model.parameters()).dtype
+        self.cuda_graph = cuda_graph
+        self._graphs: OrderedDict[tuple, GraphedInference] = OrderedDict()
+
+    def _graphed(self, x: torch.Tensor) -> GraphedInference:
+        key = tuple(x.shape)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)  # its graph and memory pool go with it
+        graphed = GraphedInference(self.model.eval(), x, capture=self.device.type == "cuda")
+        self._graphs[key] = graphed
+        return graphed
 
     def _forward(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Outputs [B, H, W, 3] float32 and experts [B, adapters, k] of one model call."""
+        n = len(images)
+        if self.cuda_graph and n < self.batch_size:  # one graph per shape: fill the batch up
+            images = [*images, *[images[-1]] * (self.batch_size - n)]
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device, self.dtype)
         with torch.inference_mode():
-            y = self.model(x)
-            experts = torch.stack(self.model.routing_choices(), dim=1)  # [B, adapters, k]
-        out = y.float().permute(0, 2, 3, 1).cpu().numpy()
+            if self.cuda_graph:
+                graphed = self._graphed(x)
+                y = graphed(x, copy_output=False)
+                choices = graphed.routing_choices
+            else:
+                y = self.model(x)
+                choices = self.model.routing_choices()
+            experts = torch.stack(choices, dim=1)[:n]  # [B, adapters, k]
+            out = y[:n].float().permute(0, 2, 3, 1).cpu().numpy()
         return out, experts.cpu().numpy()
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Restored]:
@@ -176,6 +208,7 @@ class Restorer:
         return [Restored(o, e.tolist()) for o, e in zip(out, experts, strict=True)]
 
     def _free(self) -> None:
+        self._graphs.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -381,10 +414,15 @@ def run(args: argparse.Namespace) -> int:
         why = "; ".join(f"{i}: {r}" for i, r in problems) or "every match is inside the output folder"
         raise CLIError(f"no input images found ({why})")
     device = resolve_device(args.device)
+    if args.cuda_graph and (device.type != "cuda" or args.backend == "reference"):
+        raise CLIError(
+            "--cuda-graph needs a CUDA device and a fast --backend, "
+            f"got --device {device} --backend {args.backend}"
+        )
     model = load_model(args.checkpoint, args.config, args.backend, device, args.precision)
     blocks = adapter_names(model)
     try:
-        restorer = Restorer(model, device, args.batch_size, args.tile, args.tile_overlap)
+        restorer = Restorer(model, device, args.batch_size, args.tile, args.tile_overlap, args.cuda_graph)
     except ValueError as e:
         raise CLIError(str(e)) from e
 
@@ -535,6 +573,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles in pixels (default 32)"
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each model call from a CUDA graph captured once per input shape (tiles share "
+        "one): one launch per call instead of thousands (CUDA and a fast --backend)",
     )
     parser.add_argument("--workers", type=int, default=2, help="threads decoding the next batch (0: none)")
     parser.add_argument(

@@ -418,3 +418,35 @@ def test_ctrl_c_still_writes_the_report(tmp_path, tiny_checkpoint, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["restored"] == 1
     assert [s["reason"] for s in report["skipped"]] == ["interrupted (Ctrl-C) before it was restored"] * 2
+
+
+def test_cuda_graph_restorer_gives_the_eager_results(tiny_checkpoint):
+    """``cuda_graph=True`` on the CPU runs GraphedInference(capture=False): the graph's forward
+    (one per input shape, short batches filled up) without the graph. Outputs and reported
+    experts equal the plain restorer's, for whole images and for tiles with a short last batch."""
+    import moceir  # noqa: PLC0415
+
+    model = moceir.load_checkpoint(tiny_checkpoint).eval()
+    cpu = torch.device("cpu")
+    ims = images(3, 24, 20)
+    (big,) = images(1, 40, 50)
+    plain = Restorer(model, cpu, batch_size=2)
+    graphed = Restorer(model, cpu, batch_size=2, cuda_graph=True)
+    for a, b in zip(plain(ims), graphed(ims), strict=True):  # batches of 2 and 1 (filled up to 2)
+        np.testing.assert_allclose(b.image, a.image, atol=1e-5)
+        assert b.experts == a.experts
+    assert list(graphed._graphs) == [(2, 3, 24, 20)]
+    tiled = [
+        Restorer(model, cpu, batch_size=5, tile=16, tile_overlap=4, cuda_graph=g)([big])[0] for g in (0, 1)
+    ]
+    np.testing.assert_allclose(tiled[1].image, tiled[0].image, atol=1e-5)  # 12 tiles: 5 + 5 + 2 (filled up)
+    assert tiled[1].expert_counts == tiled[0].expert_counts and tiled[1].tiles == 12
+
+
+def test_cuda_graph_restore_needs_cuda_and_a_fast_backend(tmp_path, tiny_checkpoint, capsys):
+    src = write_image(tmp_path / "a.png", 16, 16, 0)
+    out = tmp_path / "out"
+    args = ["restore", str(src), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--quiet"]
+    assert main([*args, "--cuda-graph", "--device", "cpu"]) == 2
+    assert "--cuda-graph needs a CUDA device and a fast --backend" in capsys.readouterr().err
+    assert not out.exists()
