@@ -1,0 +1,102 @@
+"""The channel attention with its L2 normalisation folded onto the small (C/heads)^2 map: the
+official function (forward and every gradient), taken by the fast backends only, never where
+float16 could overflow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moceir
+from moceir.layers import attention
+from moceir.layers.attention import Attention, CrossAttention, can_fold_norms, channel_attention
+
+
+def _inputs(dtype=torch.float64, b=2, c=12, h=7, w=9, heads=3):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, c, h, w, dtype=dtype, requires_grad=True) for _ in range(3))
+    t = (torch.rand(heads, 1, 1, dtype=dtype) + 0.5).requires_grad_()
+    return q, k, v, heads, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_folded_attention_is_the_official_function(dtype):
+    args = _inputs(dtype)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    outs = []
+    for fold in (False, True):
+        y = channel_attention(*args, fold_norms=fold)
+        grads = torch.autograd.grad(y, [args[0], args[1], args[2], args[4]], torch.ones_like(y))
+        outs.append((y, *grads))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_folded_attention_keeps_normalize_eps_for_an_all_zero_row():
+    q, k, v, heads, t = _inputs()
+    with torch.no_grad():
+        q[0, :4] = 0  # head 0 of image 0: |q| = 0, F.normalize divides by eps
+    for fold in (False, True):
+        assert torch.isfinite(channel_attention(q, k, v, heads, t, fold_norms=fold)).all()
+    torch.testing.assert_close(
+        channel_attention(q, k, v, heads, t, fold_norms=True), channel_attention(q, k, v, heads, t)
+    )
+
+
+def test_folded_attention_gradcheck():
+    q, k, v, heads, t = _inputs(b=1, c=4, h=3, w=5, heads=2)
+    assert torch.autograd.gradcheck(lambda *a: channel_attention(*a, heads, t, fold_norms=True), (q, k, v))
+
+
+def test_who_folds():
+    x32, x16 = torch.zeros(1), torch.zeros(1, dtype=torch.float16)
+    assert not can_fold_norms("reference", x32)
+    assert can_fold_norms("cpu", x32) and can_fold_norms("auto", x32.double())
+    assert can_fold_norms("auto", x32.bfloat16())
+    assert not can_fold_norms("auto", x16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not can_fold_norms("auto", x32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert can_fold_norms("auto", x32)
+
+
+@pytest.fixture
+def folds(monkeypatch):
+    seen: list[bool] = []
+    real = attention.channel_attention
+
+    def recording(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("fold_norms", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "channel_attention", recording)
+    return seen
+
+
+def test_the_model_folds_with_fast_backends_only(folds):
+    model = moceir.build_model("moce_ir_s", backend="reference", num_blocks=(1, 1, 1, 1),
+                               num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)  # fmt: skip
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        assert folds and not any(folds)
+        folds.clear()
+        got = model.set_backend("auto")(x)
+    assert folds and all(folds)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_modules_fold_from_their_convolution_backend(folds):
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 8, 5, 6), torch.rand(1, 8, 5, 6)
+    for module, call in (
+        (Attention(8, 2, True), lambda m: m(x)),
+        (CrossAttention(8, 2, True), lambda m: m(x, y)),
+    ):
+        for backend, want in (("reference", False), ("auto", True)):
+            for m in module.modules():
+                if hasattr(m, "backend"):
+                    m.backend = backend
+            folds.clear()
+            call(module)
+            assert folds == [want]
