@@ -27,17 +27,6 @@ from pathlib import Path
 
 PROVIDER_ORDER = ("reference", "compiled-reference", "auto", "compiled-auto", "triton", "cuda", "cpu")
 MODES = ("forward", "backward", "full")
-OPS = (
-    "route",
-    "dispatch",
-    "combine",
-    "dwconv_gelu_gate",
-    "grouped_dwconv",
-    "grouped_layernorm2d",
-    "grouped_pointwise",
-    "layernorm2d",
-    "patch_fft_conv",
-)
 WORKLOADS = ("video", "training", "inference")
 #: ||got - ref|| / ||ref|| above this marks a provider's output as wrong in the tables.
 TOLERANCE = {"float32": 1e-3, "float64": 1e-6, "bfloat16": 3e-2, "float16": 1e-2}

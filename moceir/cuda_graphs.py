@@ -34,17 +34,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .layers.adapter import MoCELayer
 
+if TYPE_CHECKING:
+    from .model import MoCEIR
+
 #: Optimizers whose step torch can capture (with ``capturable=True``).
 CAPTURABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def _check_model(model: nn.Module, what: str) -> list[MoCELayer]:
+def _check_model(model: MoCEIR, what: str) -> None:
     params = list(model.parameters())
     if not params or not params[0].is_cuda:
         raise ValueError(
@@ -56,7 +60,6 @@ def _check_model(model: nn.Module, what: str) -> list[MoCELayer]:
             f"{what} needs a fast backend: the reference reads the routing counts on the host, which a "
             "CUDA graph cannot capture; call model.set_backend('auto') (or 'cuda' / 'triton') first"
         )
-    return [m for m in model.modules() if isinstance(m, MoCELayer)]
 
 
 def _check_example(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -67,22 +70,18 @@ def _check_example(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 
 @contextmanager
-def _capture_settings(model: nn.Module, adapters: list[MoCELayer]):
+def _capture_settings(model: MoCEIR, adapters: list[MoCELayer]):
     """The sync-free expert path and no input NaN check (a host read) while warming up and
     capturing; the model's own settings afterwards."""
-    paths = [a.expert_path for a in adapters]
-    check = getattr(model, "check_inputs", None)
-    for a in adapters:
-        a.expert_path = "sync_free"
-    if check is not None:
-        model.check_inputs = False
+    paths, check = [a.expert_path for a in adapters], model.check_inputs
+    model.set_expert_path("sync_free")
+    model.check_inputs = False
     try:
         yield
     finally:
         for a, p in zip(adapters, paths, strict=True):
             a.expert_path = p
-        if check is not None:
-            model.check_inputs = check
+        model.check_inputs = check
 
 
 def _copy_into(static: torch.Tensor, value: torch.Tensor, name: str) -> None:
@@ -160,14 +159,10 @@ class GraphedInference:
     for inputs of another shape or dtype.
     """
 
-    def __init__(
-        self, model: nn.Module, example: torch.Tensor, warmup: int = 2, capture: bool = True
-    ) -> None:
-        adapters = (
+    def __init__(self, model: MoCEIR, example: torch.Tensor, warmup: int = 2, capture: bool = True) -> None:
+        if capture:
             _check_model(model, "GraphedInference")
-            if capture
-            else [m for m in model.modules() if isinstance(m, MoCELayer)]
-        )
+        adapters = model.adapters()
         device = next(model.parameters()).device
         _check_example("example", example, device)
         self.model, self._adapters = model, adapters
@@ -227,7 +222,7 @@ class GraphedTrainStep:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: MoCEIR,
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
         example_input: torch.Tensor,
@@ -239,9 +234,8 @@ class GraphedTrainStep:
         capture: bool = True,
     ) -> None:
         if capture:
-            adapters = _check_model(model, "GraphedTrainStep")
-        else:
-            adapters = [m for m in model.modules() if isinstance(m, MoCELayer)]
+            _check_model(model, "GraphedTrainStep")
+        adapters = model.adapters()
         device = next(model.parameters()).device
         _check_example("example_input", example_input, device)
         _check_example("example_target", example_target, device)

@@ -252,3 +252,20 @@ def test_a_provider_without_backward_still_gets_its_forward_timed(monkeypatch):
     for mode in ("backward", "full"):
         assert by_mode[mode]["status"] == "error" and "grad" in by_mode[mode]["error"]
     assert all(r["status"] == "ok" for r in rows if r["provider"] == "reference")
+
+
+def test_profile_step_reports_per_provider_and_refuses_bad_counts(tmp_path, capsys):
+    from benchmarks import profile_step  # noqa: PLC0415
+
+    for bad in (["--steps", "0"], ["--top", "0"]):
+        with pytest.raises(SystemExit):
+            profile_step.main(bad)
+        assert "--steps and --top must be >= 1" in capsys.readouterr().err
+    argv = ["--device", "cpu", "--workloads", "inference", "--providers", "reference,no-such-provider",
+            "--steps", "1", "--top", "3", "--output", str(tmp_path)]  # fmt: skip
+    profile_step.main(argv)
+    (path,) = tmp_path.glob("profile-cpu-*.json")
+    ok, broken = json.loads(path.read_text())["results"]
+    assert ok["provider"] == "reference" and ok["wall_ms_per_step"] > 0 and 0 < len(ok["top"]) <= 3
+    assert ok["busy_ms_per_step"] > 0 and ok["calls_per_step"] > 0
+    assert broken["provider"] == "no-such-provider" and "error" in broken

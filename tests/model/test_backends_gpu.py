@@ -16,6 +16,7 @@ from moce_kernels._backend import check_available
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("exact_fp32"),
 ]
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
@@ -31,15 +32,6 @@ def _backends() -> list:
             reason = str(e)
         params.append(pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
     return params
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """TF32 off: the reference and the kernels then both compute in true fp32."""
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 def _model(dtype: torch.dtype = torch.float32) -> moceir.MoCEIR:

@@ -11,29 +11,18 @@ import torch.nn.functional as F
 
 import moceir
 from moceir.cuda_graphs import GraphedInference, GraphedTrainStep, UnusedExperts
-from tests.model.test_backends_gpu import SMALL, _backends
+from tests.model.test_backends_gpu import _backends
+from tests.model.test_backends_gpu import _model as _perturbed_model
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("exact_fp32"),
 ]
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
-
-
 def _model(backend: str) -> moceir.MoCEIR:
-    torch.manual_seed(0)
-    model = moceir.build_model("moce_ir_s", backend="reference", **SMALL)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.to("cuda").set_backend(backend)
+    return _perturbed_model().set_backend(backend)
 
 
 def _loss(net, out, target):
