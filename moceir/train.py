@@ -491,6 +491,20 @@ class Trainer:
         # 0 * one element of every expert parameter: every gradient hook fires (DDP), value 0.
         return sum(p.reshape(-1)[0] for ex in self.expert_params for ps in ex for p in ps) * 0.0
 
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch (degraded, clean) on the device."""
+        batch = next(self._loader_iter)
+        return (
+            batch["degraded"].to(self.device, non_blocking=True),
+            batch["clean"].to(self.device, non_blocking=True),
+        )
+
+    def _routing_counts(self) -> torch.Tensor:
+        """[adapters, experts] float32: how many images chose each expert in the last forward."""
+        return torch.stack(
+            [torch.bincount(c.reshape(-1), minlength=self.num_experts) for c in self.model.routing_choices()]
+        ).float()
+
     def step(self) -> dict[str, float]:
         """One optimiser step; returns the mean loss parts and the learning rate."""
         if self._loader_iter is None:
@@ -502,9 +516,7 @@ class Trainer:
         usage = torch.zeros(num_adapters, self.num_experts, device=self.device)
         parts_sum = torch.zeros(4, device=self.device)
         for a in range(acc):
-            batch = next(self._loader_iter)
-            lq = batch["degraded"].to(self.device, non_blocking=True)
-            gt = batch["clean"].to(self.device, non_blocking=True)
+            lq, gt = self._next_batch()
             torch.manual_seed(
                 noise_seed(self.recipe.seed, self.step_count, a * self.dist.world + self.dist.rank)
             )
@@ -521,8 +533,7 @@ class Trainer:
                     loss = loss + self._touch_experts()
                 loss = loss / acc
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            for i, choice in enumerate(self.model.routing_choices()):
-                usage[i] += torch.bincount(choice.reshape(-1), minlength=self.num_experts).to(usage.dtype)
+            usage += self._routing_counts()
             parts_sum += torch.stack([loss.detach() * acc, parts["l1"], parts["fft"], parts["aux"]]) / acc
         if self.dist.world > 1:
             packed = torch.cat([usage.reshape(-1), parts_sum])
@@ -583,19 +594,15 @@ class Trainer:
 
     def _graphed_step(self) -> dict[str, float]:
         """``step()`` with forward, backward and AdamW in one CUDA graph (see ``cuda_graph``)."""
-        batch = next(self._loader_iter)
-        lq = batch["degraded"].to(self.device, non_blocking=True)
-        gt = batch["clean"].to(self.device, non_blocking=True)
+        lq, gt = self._next_batch()
         if self._graphed is None:
             self._graphed = self._build_graph(lq, gt)
         lr = lr_at(self.step_count, self.recipe)
         self._graphed.set_lr(lr)
         torch.manual_seed(noise_seed(self.recipe.seed, self.step_count, 0))  # after the build's warm-up
         self._graphed(lq, gt)
-        usage = torch.stack(
-            [torch.bincount(c.reshape(-1), minlength=self.num_experts) for c in self.model.routing_choices()]
-        )
-        host = torch.cat([usage.reshape(-1).float(), self._graph_parts]).cpu().numpy()  # the one sync
+        usage = self._routing_counts()
+        host = torch.cat([usage.reshape(-1), self._graph_parts]).cpu().numpy()  # the one sync
         counts = host[: usage.numel()].reshape(usage.shape).astype(np.int64)
         self.step_count += 1
         self.last_usage = counts
