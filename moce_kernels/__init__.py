@@ -8,6 +8,7 @@ from moce_kernels._backend import BACKENDS
 from moce_kernels._extension import build_summary
 from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
+from moce_kernels.dispatch_pointwise import dispatch_pointwise
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
 from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
@@ -15,6 +16,7 @@ from moce_kernels.grouped_patch_fft_conv import grouped_patch_fft_conv
 from moce_kernels.grouped_pointwise import grouped_pointwise, pack_pointwise_weights
 from moce_kernels.layernorm2d import layernorm2d
 from moce_kernels.patch_fft_conv import patch_fft_conv
+from moce_kernels.pointwise_combine import pointwise_combine
 from moce_kernels.route import RoutingPlan, route
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "build_summary",
     "combine",
     "dispatch",
+    "dispatch_pointwise",
     "dwconv_gelu_gate",
     "grouped_dwconv",
     "grouped_layernorm2d",
@@ -33,6 +36,7 @@ __all__ = [
     "pack_pointwise_weights",
     "pack_rows",
     "patch_fft_conv",
+    "pointwise_combine",
     "route",
 ]
 __version__ = "0.1.0"

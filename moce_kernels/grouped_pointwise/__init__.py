@@ -11,7 +11,29 @@ from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels._grouping import check_channels, check_offsets_on_host
 from moce_kernels.grouped_pointwise.reference import grouped_pointwise_reference, pack_pointwise_weights
 
-__all__ = ["grouped_pointwise", "grouped_pointwise_reference", "pack_pointwise_weights"]
+__all__ = ["check_pointwise_args", "grouped_pointwise", "grouped_pointwise_reference", "pack_pointwise_weights"]
+
+
+def check_pointwise_args(
+    x_name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_channels: Sequence[int],
+    out_channels: Sequence[int],
+) -> None:
+    """Raise TypeError / ValueError unless ``x`` (named ``x_name``) is a 4-D float tensor,
+    ``weight`` [E, Cout_max, Cin_max = x's channels] and ``bias`` [E, Cout_max] (or None) are of
+    its dtype and device, and the widths are E ints in range (shared with the fused ops)."""
+    check_tensor(x_name, x, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device)
+    num_experts, c_out = weight.shape[0], weight.shape[1]
+    check_shape("weight", weight, (num_experts, c_out, x.shape[1]))
+    if bias is not None:
+        check_tensor("bias", bias, ndim=2, dtypes=(x.dtype,), device=x.device)
+        check_shape("bias", bias, (num_experts, c_out))
+    check_channels("in_channels", in_channels, num_experts, x.shape[1])
+    check_channels("out_channels", out_channels, num_experts, c_out)
 
 
 def grouped_pointwise(
@@ -51,17 +73,9 @@ def grouped_pointwise(
         CPU tensors; on a GPU the ops trust offsets from a RoutingPlan, as checking would read
         them on the host).
     """
-    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device)
+    check_pointwise_args("x", x, weight, bias, in_channels, out_channels)
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64, torch.int32), device=x.device)
-    num_experts, c_out = weight.shape[0], weight.shape[1]
-    check_shape("weight", weight, (num_experts, c_out, x.shape[1]))
-    if bias is not None:
-        check_tensor("bias", bias, ndim=2, dtypes=(x.dtype,), device=x.device)
-        check_shape("bias", bias, (num_experts, c_out))
-    check_shape("offsets", offsets, (num_experts + 1,))
-    check_channels("in_channels", in_channels, num_experts, x.shape[1])
-    check_channels("out_channels", out_channels, num_experts, c_out)
+    check_shape("offsets", offsets, (weight.shape[0] + 1,))
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         check_offsets_on_host(offsets, x.shape[0])
     chosen = resolve_backend("grouped_pointwise", backend, x.device)

@@ -84,7 +84,7 @@ _REDUCE_NUM_WARPS = 4
 
 
 @triton.jit
-def _mma(acc, a, b, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def mma(acc, a, b, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """acc [M, N] + a [M, K] @ b [K, N]: tl.dot into float32 (IEEE, no TF32), or for float64 a
     broadcast product summed over K (see the module docstring). ``DOT_UPCAST``: the operands go
     to tl.dot as float32 (the interpreter multiplies bfloat16 as its raw uint16 bits; products
@@ -101,7 +101,8 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 @triton.jit
 def grouped_pointwise_rows_kernel(
-    a_ptr,  # [N, K_MAX, P]: x (forward) or grad y (grad x)
+    a_ptr,  # [N, K_MAX, P]: x (forward) or grad y (grad x); [B, K_MAX, P] images with GATHER
+    src_ptr,  # [N] int64: the image each row reads (GATHER only)
     w_ptr,  # [E, C_OUT, C_IN]
     b_ptr,  # [E, C_OUT] (unused without HAS_BIAS)
     off_ptr,  # [E + 1] int32 / int64 row offsets
@@ -114,6 +115,7 @@ def grouped_pointwise_rows_kernel(
     m_blocks,
     TRANSPOSE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -156,7 +158,12 @@ def grouped_pointwise_rows_kernel(
         m_ok = ms < m_e
         ks = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + e * C_OUT * C_IN + ms * w_m_stride  # [BLOCK_M]
-        a_row = a_ptr + row * K_MAX * P
+        # GATHER: the dispatch fused into the load; row n reads image src[n] (no dispatch copy).
+        if GATHER:
+            src = tl.load(src_ptr + row).to(tl.int64)
+        else:
+            src = row
+        a_row = a_ptr + src * K_MAX * P
         for k0 in range(0, k_e, BLOCK_K):
             # Masked past the expert's K width: whatever lies there (NaN included) is never read.
             k_ok = (k0 + ks) < k_e
@@ -168,7 +175,7 @@ def grouped_pointwise_rows_kernel(
             a = tl.load(
                 a_row + ((k0 + ks) * P)[:, None] + ps[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0
             )
-            acc = _mma(acc, w.to(a.dtype), a, USE_DOT, DOT_UPCAST)
+            acc = mma(acc, w.to(a.dtype), a, USE_DOT, DOT_UPCAST)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * C_OUT + ms, mask=m_ok, other=0.0).to(ACC)[:, None]
     out = y_ptr + row * M_MAX * P + (ms * P)[:, None] + ps[None, :]
@@ -177,7 +184,8 @@ def grouped_pointwise_rows_kernel(
 
 @triton.jit
 def grouped_pointwise_bwd_weight_kernel(
-    x_ptr,  # [N, C_IN, P]
+    x_ptr,  # [N, C_IN, P]; [B, C_IN, P] images with GATHER
+    src_ptr,  # [N] int64: the image each row reads (GATHER only)
     gy_ptr,  # [N, C_OUT, P]
     off_ptr,  # [E + 1]
     meta_ptr,  # [2 * E] int32
@@ -191,6 +199,7 @@ def grouped_pointwise_bwd_weight_kernel(
     i_blocks,
     chunks,
     chunk_len,  # pixels per chunk, a multiple of BLOCK_P
+    GATHER: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -214,7 +223,11 @@ def grouped_pointwise_bwd_weight_kernel(
         o_ok = o_ch < out_e
         i_ok = i_ch < in_e
         gy_rows = gy_ptr + row * C_OUT * P + o_ch * P  # [BLOCK_O]
-        x_rows = x_ptr + row * C_IN * P + i_ch * P  # [BLOCK_I]
+        if GATHER:
+            src = tl.load(src_ptr + row).to(tl.int64)
+        else:
+            src = row
+        x_rows = x_ptr + src * C_IN * P + i_ch * P  # [BLOCK_I]
         acc = tl.zeros([BLOCK_O, BLOCK_I], dtype=ACC)
         acc_b = tl.zeros([BLOCK_O], dtype=ACC)
         start = chunk * chunk_len
@@ -223,7 +236,7 @@ def grouped_pointwise_bwd_weight_kernel(
             p_ok = ps < P
             gy = tl.load(gy_rows[:, None] + ps[None, :], mask=o_ok[:, None] & p_ok[None, :], other=0.0)
             xv = tl.load(x_rows[:, None] + ps[None, :], mask=i_ok[:, None] & p_ok[None, :], other=0.0)
-            acc = _mma(acc, gy, tl.trans(xv.to(gy.dtype)), USE_DOT, DOT_UPCAST)
+            acc = mma(acc, gy, tl.trans(xv.to(gy.dtype)), USE_DOT, DOT_UPCAST)
             acc_b += tl.sum(gy.to(ACC), 1)
         part = row * chunks + chunk
         w_out = part_w_ptr + part * C_OUT * C_IN + (o_ch * C_IN)[:, None] + i_ch[None, :]
@@ -362,16 +375,20 @@ def _check_layout(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, 
         raise ValueError("each input width must be in 1..Cin_max and each output width in 1..Cout_max")
 
 
-def _launch_rows(a, weight, bias, offsets, meta, out, *, transpose: bool) -> None:
-    """``out`` = every row's W_e a (W_e^T a with ``transpose``), + bias, zeros past its width."""
+def launch_rows(a, weight, bias, offsets, meta, out, *, transpose: bool, src=None) -> None:
+    """``out`` = every row's W_e a (W_e^T a with ``transpose``), + bias, zeros past its width.
+
+    ``src``: [N] int64 device tensor, row n reads ``a[src[n]]`` (a holds images: the gather of
+    ``dispatch_pointwise``); None reads ``a[n]``.
+    """
     num_experts, c_out, c_in = weight.shape
     rows, c_m = out.shape[0], out.shape[1]
     pixels = out.shape[2] * out.shape[3]
     b = _rows_blocks(c_m, a.shape[1], pixels, a.dtype)
     grouped_pointwise_rows_kernel[(rows * b["p_blocks"] * b["m_blocks"],)](
-        a, weight, a if bias is None else bias, offsets, meta, out,
+        a, a if src is None else src, weight, a if bias is None else bias, offsets, meta, out,
         c_in, c_out, pixels, num_experts, b["m_blocks"],
-        TRANSPOSE=transpose, HAS_BIAS=bias is not None, **_dot_flags(a.dtype),
+        TRANSPOSE=transpose, HAS_BIAS=bias is not None, GATHER=src is not None, **_dot_flags(a.dtype),
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=b["block_m"], BLOCK_K=b["block_k"],
         BLOCK_P=b["block_p"], ACC=_acc_dtype(a)[1], num_warps=_num_warps(a.dtype),
     )  # fmt: skip
@@ -395,7 +412,7 @@ def grouped_pointwise_fwd(
     meta = _metadata(tuple(in_channels), tuple(out_channels), x.device)
     bias = None if bias is None else bias.contiguous()
     with _device_guard(x):
-        _launch_rows(x, weight, bias, offsets, meta, y, transpose=False)
+        launch_rows(x, weight, bias, offsets, meta, y, transpose=False)
     return y
 
 
@@ -414,38 +431,50 @@ def grouped_pointwise_bwd(
     """
     _check_layout(x, weight, offsets, in_channels, out_channels)
     grad_y, x, weight, offsets = (t.contiguous() for t in (grad_y, x, weight, offsets))
-    rows, c_in, height, width = x.shape
-    num_experts, c_out, _ = weight.shape
-    pixels = height * width
-    acc_torch, acc_tl = _acc_dtype(x)
     grad_x = _empty(x.shape, x.dtype, x.device)
+    if x.numel() == 0:
+        return grad_x, *weight_grads(grad_y, x, weight, offsets, None)
+    meta = _metadata(tuple(in_channels), tuple(out_channels), x.device)
+    with _device_guard(x):
+        launch_rows(grad_y, weight, None, offsets, meta, grad_x, transpose=True)
+    return grad_x, *weight_grads(grad_y, x, weight, offsets, meta)
+
+
+def weight_grads(grad_y, x, weight, offsets, meta, src=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad weight [E, Cout_max, Cin_max], grad bias [E, Cout_max]) in weight's dtype from
+    contiguous grad y [N, Cout_max, H, W] and x: zeros outside each expert's (out, in) block and
+    for experts without rows, the same bits on every run.
+
+    ``src``: as in :func:`launch_rows` (x holds images, row n read ``x[src[n]]``). ``meta``: the
+    expert metadata tensor, or None when there are no rows.
+    """
+    rows, c_out, height, width = grad_y.shape
+    num_experts, _, c_in = weight.shape
+    pixels = height * width
     grad_weight = _empty(weight.shape, weight.dtype, weight.device)
     grad_bias = _empty((num_experts, c_out), weight.dtype, weight.device)
-    if x.numel() == 0:
-        grad_weight.zero_()
-        grad_bias.zero_()
-        return grad_x, grad_weight, grad_bias
-    meta = _metadata(tuple(in_channels), tuple(out_channels), x.device)
+    if rows * pixels == 0:
+        return grad_weight.zero_(), grad_bias.zero_()
+    acc_torch, acc_tl = _acc_dtype(x)
     b = _weight_blocks(c_in, c_out, pixels, x.dtype)
-    block_e = triton.next_power_of_2(num_experts)
     with _device_guard(x):
-        _launch_rows(grad_y, weight, None, offsets, meta, grad_x, transpose=True)
         # Only the entries inside each row's expert block are written, and only those are read.
         part_w = _empty((rows, b["chunks"], c_out, c_in), acc_torch, x.device)
         part_b = _empty((rows, b["chunks"], c_out), acc_torch, x.device)
         tiles = b["o_blocks"] * b["i_blocks"]
         grouped_pointwise_bwd_weight_kernel[(rows * b["chunks"] * tiles,)](
-            x, grad_y, offsets, meta, part_w, part_b,
+            x, x if src is None else src, grad_y, offsets, meta, part_w, part_b,
             c_in, c_out, pixels, num_experts, b["o_blocks"], b["i_blocks"], b["chunks"], b["chunk_len"],
-            **_dot_flags(x.dtype), BLOCK_E=block_e, BLOCK_O=b["block_o"], BLOCK_I=b["block_i"],
-            BLOCK_P=b["block_p"], ACC=acc_tl, num_warps=_num_warps(x.dtype),
+            GATHER=src is not None, **_dot_flags(x.dtype), BLOCK_E=triton.next_power_of_2(num_experts),
+            BLOCK_O=b["block_o"], BLOCK_I=b["block_i"], BLOCK_P=b["block_p"], ACC=acc_tl,
+            num_warps=_num_warps(x.dtype),
         )  # fmt: skip
         grouped_pointwise_bwd_reduce_kernel[(num_experts * tiles,)](
             part_w, part_b, offsets, meta, grad_weight, grad_bias,
             c_in, c_out, num_experts, b["o_blocks"], b["i_blocks"], b["chunks"],
             BLOCK_O=b["block_o"], BLOCK_I=b["block_i"], ACC=acc_tl, num_warps=_REDUCE_NUM_WARPS,
         )  # fmt: skip
-    return grad_x, grad_weight, grad_bias
+    return grad_weight, grad_bias
 
 
 # --- torch.library registration ----------------------------------------------------------------

@@ -140,16 +140,19 @@ class MoCELayer(nn.Module):
         else:
             self.loss = logits.new_zeros((), dtype=torch.float32)
         experts = [ex[0] for ex in self.experts]
-        inputs = (
-            experts,
-            dispatch(x, plan, backend=op_backend("dispatch", self.backend)),
-            dispatch(shared, plan, backend=op_backend("dispatch", self.backend)),
-            plan.offsets,
-            self.expert_depth,
-            self.backend,
-        )
         if self.uses_sync_free_path(x):
-            y = run_experts_grouped(*inputs, cache=self._packed_experts)
+            # Dispatch and combine are fused into the experts' first and last convolutions.
+            y = run_experts_grouped(
+                experts, x, shared, plan, self.expert_depth, self.backend, cache=self._packed_experts
+            )
         else:
-            y = run_experts(*inputs)
-        return self.proj_out(combine(y, plan, backend=op_backend("combine", self.backend)))
+            rows = run_experts(
+                experts,
+                dispatch(x, plan, backend=op_backend("dispatch", self.backend)),
+                dispatch(shared, plan, backend=op_backend("dispatch", self.backend)),
+                plan.offsets,
+                self.expert_depth,
+                self.backend,
+            )
+            y = combine(rows, plan, backend=op_backend("combine", self.backend))
+        return self.proj_out(y)

@@ -6,7 +6,9 @@ path runs the same function over shapes that do not depend on the routing: the r
 widest expert's channels (padding that the grouped ops keep at exact zeros) and each op finds a
 row's expert from the device offsets. Its launch count is fixed, so a CUDA graph can capture it
 and torch.compile traces it whole; the price is the padding (the reference GEMM and the FFTs
-work on it; the Triton GEMM skips it).
+work on it; the Triton GEMM skips it). The first 1x1 convolutions read the images in place
+(``dispatch_pointwise``) and the last writes the gated sum in image order (``pointwise_combine``):
+the adapter's dispatch and combine copies do not exist on this path.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from moce_kernels import (
+    RoutingPlan,
+    combine,
+    dispatch,
+    dispatch_pointwise,
     grouped_dwconv,
     grouped_layernorm2d,
     grouped_patch_fft_conv,
     grouped_pointwise,
     pack_dwconv_weights,
     pack_pointwise_weights,
+    pointwise_combine,
 )
 from moce_kernels._backend import op_backend
 from moceir.layers.experts import ComplexityExpert
@@ -104,43 +111,49 @@ def run_experts_grouped(
     experts: Sequence[ComplexityExpert],
     x: torch.Tensor,
     shared: torch.Tensor,
-    offsets: torch.Tensor,
+    plan: RoutingPlan,
     depth: int = 1,
     backend: str = "auto",
     cache: dict | None = None,
 ) -> torch.Tensor:
-    """``run_experts`` with no host read: apply expert e to rows ``offsets[e]:offsets[e + 1]`` of
-    ``x`` / ``shared`` ([N, C, H, W]); returns [N, C, H, W] in row order.
+    """``combine(run_experts(experts, dispatch(x), dispatch(shared), plan.offsets, depth), plan)``
+    with no host read: x / shared are the images [B, C, H, W]; returns [B, C, H, W], each image's
+    expert outputs weighted by its gates and summed.
 
-    Sync-free when grouped_dwconv runs a fast backend (its reference reads the offsets).
-    Under autocast the convolutions run in the autocast dtype, as nn.Conv2d does. ``cache``: a
-    dict owned by the caller for the packed parameters (see :func:`packed_experts`).
+    The dispatch is fused into the first 1x1 convolutions (``dispatch_pointwise``) and the
+    residual, gates, sum over k and write back into the last (``pointwise_combine``): no
+    dispatched or combined copies. Sync-free when grouped_dwconv runs a fast backend (its
+    reference reads the offsets). Under autocast the convolutions run in the autocast dtype, as
+    nn.Conv2d does. ``cache``: a dict owned by the caller for the packed parameters (see
+    :func:`packed_experts`).
     """
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     packed = packed_experts(experts, dtype, cache)
     with torch.autocast(x.device.type, enabled=False):
-        return _run(packed, x, shared, offsets, depth, backend, dtype)
+        return _run(packed, x, shared, plan, depth, backend, dtype)
 
 
-def _run(p: _Grouped, x, shared, offsets, depth: int, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    ranks, full = p.ranks, [p.dim] * len(p.ranks)
-    pointwise_backend = op_backend("grouped_pointwise", backend)
-    dw_backend = op_backend("grouped_dwconv", backend)
+def _run(p: _Grouped, x, shared, plan: RoutingPlan, depth: int, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    ranks, full, offsets = p.ranks, [p.dim] * len(p.ranks), plan.offsets
 
     def pointwise(t, params, c_in, c_out):
-        w, b = params
-        return grouped_pointwise(t.to(dtype), w, b, offsets, c_in, c_out, backend=pointwise_backend)
+        return grouped_pointwise(t, *params, offsets, c_in, c_out, backend=op_backend("grouped_pointwise", backend))
+
+    def from_images(t, params, c_out):
+        return dispatch_pointwise(
+            t.to(dtype), *params, plan, full, c_out, backend=op_backend("dispatch_pointwise", backend)
+        )
 
     def depthwise(t, params):
         w, b, sizes = params
-        return grouped_dwconv(t, w, b, offsets, ranks, sizes, backend=dw_backend)
+        return grouped_dwconv(t, w, b, offsets, ranks, sizes, backend=op_backend("grouped_dwconv", backend))
 
-    gating = F.silu(pointwise(shared, p.proj1, full, ranks))
-    feats = x
-    for _ in range(depth):
-        h = pointwise(feats, p.proj0, full, ranks)
+    gating = F.silu(from_images(shared, p.proj1, ranks))
+    feats = None  # the rows after each step but the last (depth > 1 chains the expert)
+    for step in range(depth):
+        h = from_images(x, p.proj0, ranks) if feats is None else pointwise(feats.to(dtype), p.proj0, full, ranks)
         q = depthwise(pointwise(h, p.q, ranks, ranks), p.q_dw)
         k = depthwise(pointwise(h, p.k, ranks, ranks), p.k_dw)
         v = depthwise(pointwise(h, p.v, ranks, ranks), p.v_dw)
@@ -150,6 +163,16 @@ def _run(p: _Grouped, x, shared, offsets, depth: int, backend: str, dtype: torch
         normed = grouped_layernorm2d(
             fft, *p.norm, offsets, ranks, p.eps, backend=op_backend("grouped_layernorm2d", backend)
         )
-        out = pointwise((normed * v).to(v.dtype), p.proj_out, ranks, ranks)
-        feats = pointwise(out * gating, p.proj2, ranks, full) + feats
-    return feats
+        out = pointwise((normed * v).to(v.dtype), p.proj_out, ranks, ranks) * gating
+        if step == depth - 1:
+            # The skip connection: the images themselves after one step, else the chained rows.
+            combined = pointwise_combine(
+                out, *p.proj2, plan, ranks, full, residual=x if feats is None else None,
+                backend=op_backend("pointwise_combine", backend),
+            )  # fmt: skip
+            if feats is None:
+                return combined
+            return combined + combine(feats, plan, backend=op_backend("combine", backend))
+        rows = pointwise(out, p.proj2, ranks, full)
+        feats = rows + (dispatch(x, plan, backend=op_backend("dispatch", backend)) if feats is None else feats)
+    raise AssertionError("depth must be >= 1")  # MoCELayer checks it

@@ -435,31 +435,34 @@ AOT_BODY = """
 
     TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     ints = ("C_IN", "C_OUT", "P", "E")
-    for label, dtype, c_in, c_out, transpose, offsets in (
-        ("rows-fwd-bf16-c96", torch.bfloat16, 96, 96, False, "*i64"),
-        ("rows-gradx-bf16-c96", torch.bfloat16, 96, 96, True, "*i32"),
-        ("rows-fwd-bf16-c12", torch.bfloat16, 96, 12, False, "*i64"),
-        ("rows-fwd-fp16-c96", torch.float16, 96, 96, False, "*i64"),
-        ("rows-fwd-fp32-c96", torch.float32, 96, 96, False, "*i64"),
-        ("rows-gradx-fp32-c96", torch.float32, 96, 96, True, "*i64"),
-        ("rows-fwd-fp64", torch.float64, 96, 96, False, "*i64"),
+    for label, dtype, c_in, c_out, transpose, offsets, gather in (
+        ("rows-fwd-bf16-c96", torch.bfloat16, 96, 96, False, "*i64", False),
+        ("rows-gradx-bf16-c96", torch.bfloat16, 96, 96, True, "*i32", False),
+        ("rows-fwd-bf16-c12", torch.bfloat16, 96, 12, False, "*i64", False),
+        ("rows-fwd-fp16-c96", torch.float16, 96, 96, False, "*i64", False),
+        ("rows-fwd-fp32-c96", torch.float32, 96, 96, False, "*i64", False),
+        ("rows-gradx-fp32-c96", torch.float32, 96, 96, True, "*i64", False),
+        ("rows-fwd-fp64", torch.float64, 96, 96, False, "*i64", False),
+        # dispatch_pointwise: the gather fused into the loads.
+        ("rows-gather-bf16-c12", torch.bfloat16, 96, 12, False, "*i64", True),
+        ("rows-gather-fp32-c96", torch.float32, 96, 96, False, "*i64", True),
     ):
         t = "*" + TL[dtype]
         b = pw._rows_blocks(c_in if transpose else c_out, c_out if transpose else c_in, 128 * 128, dtype)
-        sig = dict(a_ptr=t, w_ptr=t, b_ptr=t, off_ptr=offsets, meta_ptr="*i32", y_ptr=t,
+        sig = dict(a_ptr=t, src_ptr="*i64", w_ptr=t, b_ptr=t, off_ptr=offsets, meta_ptr="*i32", y_ptr=t,
                    **dict.fromkeys(ints, "i32"), m_blocks="i32")
-        consts = dict(TRANSPOSE=transpose, HAS_BIAS=not transpose, **pw._dot_flags(dtype), BLOCK_E=4,
+        consts = dict(TRANSPOSE=transpose, HAS_BIAS=not transpose, GATHER=gather, **pw._dot_flags(dtype), BLOCK_E=4,
                       BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32)
         compile_(label, pw.grouped_pointwise_rows_kernel, sig, consts, pw._num_warps(dtype))
-    for label, dtype in (("wgrad-bf16", torch.bfloat16), ("wgrad-fp32", torch.float32),
-                         ("wgrad-fp64", torch.float64)):
+    for label, dtype, gather in (("wgrad-bf16", torch.bfloat16, False), ("wgrad-fp32", torch.float32, False),
+                                 ("wgrad-fp64", torch.float64, False), ("wgrad-gather-bf16", torch.bfloat16, True)):
         t, acc = "*" + TL[dtype], "*fp64" if dtype == torch.float64 else "*fp32"
         b = pw._weight_blocks(96, 96, 128 * 128, dtype)
-        sig = dict(x_ptr=t, gy_ptr=t, off_ptr="*i64", meta_ptr="*i32", part_w_ptr=acc, part_b_ptr=acc,
-                   **dict.fromkeys(ints, "i32"), o_blocks="i32", i_blocks="i32", chunks="i32",
+        sig = dict(x_ptr=t, src_ptr="*i64", gy_ptr=t, off_ptr="*i64", meta_ptr="*i32", part_w_ptr=acc,
+                   part_b_ptr=acc, **dict.fromkeys(ints, "i32"), o_blocks="i32", i_blocks="i32", chunks="i32",
                    chunk_len="i32")
-        consts = dict(**pw._dot_flags(dtype), BLOCK_E=4, BLOCK_O=b["block_o"], BLOCK_I=b["block_i"],
+        consts = dict(GATHER=gather, **pw._dot_flags(dtype), BLOCK_E=4, BLOCK_O=b["block_o"], BLOCK_I=b["block_i"],
                       BLOCK_P=b["block_p"], ACC=tl.float64 if dtype == torch.float64 else tl.float32)
         compile_(label, pw.grouped_pointwise_bwd_weight_kernel, sig, consts, pw._num_warps(dtype))
         sig = dict(part_w_ptr=acc, part_b_ptr=acc, off_ptr="*i32", meta_ptr="*i32", gw_ptr=t, gb_ptr=t,
@@ -476,7 +479,7 @@ def test_aot_compile_sm90():
     loops), and checks that none spills. Runs in a subprocess without TRITON_INTERPRET. Prints the
     registers per thread (``pytest -s``); ~15 s on 2 cores when Triton's cache is cold."""
     results = aot_resource_usage(AOT_BODY)
-    assert len(results) == 13
+    assert len(results) == 17
     for r in results:
         print(r)
         # bf16 / fp16 products on the tensor cores; fp32 (IEEE), fp64 and the reduction on FMA.
