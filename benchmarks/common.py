@@ -33,6 +33,8 @@ OPS = (
     "route",
     "dispatch",
     "combine",
+    "dispatch_pointwise",
+    "pointwise_combine",
     "dwconv_gelu_gate",
     "grouped_dwconv",
     "grouped_layernorm2d",

@@ -377,6 +377,95 @@ def bench_grouped_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def _packed_weight(in_channels, out_channels, device, dtype, *, bias: bool):
+    """[E, Cout_max, Cin_max] weight (zeros outside each expert's block) and bias, with grads."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(len(in_channels), max(out_channels), max(in_channels))
+    packed_bias = torch.zeros(len(in_channels), max(out_channels))
+    for e, (i, o) in enumerate(zip(in_channels, out_channels, strict=True)):
+        weight[e, :o, :i] = torch.randn(o, i, generator=gen) / math.sqrt(i)
+        packed_bias[e, :o] = torch.randn(o, generator=gen)
+    w = weight.to(device=device, dtype=dtype).requires_grad_(True)
+    b = packed_bias.to(device=device, dtype=dtype).requires_grad_(True) if bias else None
+    return w, b
+
+
+def bench_dispatch_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The experts' input projections C -> r (r = C/8 .. C) reading the images in place (k = 1);
+    the reference dispatches a copy first."""
+    plan = _plan(sizes.batch, device)
+    rows = _spread(sizes.batch)
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        ranks = [max(1, width // 8), max(1, width // 4), max(1, width // 2), width]
+        c_in = [width] * NUM_EXPERTS
+        w, _ = _packed_weight(c_in, ranks, device, dtype, bias=False)
+        x = _rand((sizes.batch, width, side, side), device, dtype)
+        el, plane = x.element_size(), side * side
+        written = sizes.batch * max(ranks) * plane * el
+        active_out = sum(n * r for n, r in zip(rows, ranks, strict=True)) * plane * el
+        fl = sum(2 * n * width * r * plane for n, r in zip(rows, ranks, strict=True))
+        out.append(
+            Bench(
+                op="dispatch_pointwise",
+                case=f"{level}.experts_in",
+                shape=list(x.shape),
+                forward=lambda p, x=x, w=w, ranks=ranks, c_in=c_in: moce_kernels.dispatch_pointwise(
+                    x, w, None, plan, c_in, ranks, backend=p
+                ),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[x, w],
+                # forward: x and the weight in, the rows out; backward: grad rows and x in, grad x
+                # (one row per image: k = 1) and the weight gradient out.
+                bytes_moved=_with_full(nbytes(x, w) + written, active_out + 2 * nbytes(x) + 2 * nbytes(w)),
+                flops=_full_flops(fl, 2 * fl),
+            )
+        )
+    return out
+
+
+def bench_pointwise_combine(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The experts' output projections r -> C with the residual, the gates and the write back to
+    image order in one op (k = 1); the reference writes the rows, adds the dispatched residual
+    and combines."""
+    plan = _plan(sizes.batch, device)
+    rows = _spread(sizes.batch)
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        ranks = [max(1, width // 8), max(1, width // 4), max(1, width // 2), width]
+        c_out = [width] * NUM_EXPERTS
+        w, _ = _packed_weight(ranks, c_out, device, dtype, bias=False)
+        h = _rand((sizes.batch, max(ranks), side, side), device, dtype)
+        res = _rand((sizes.batch, width, side, side), device, dtype)
+        gates = plan.gates.detach().to(dtype).clone().requires_grad_(True)
+        el, plane = h.element_size(), side * side
+        active_in = sum(n * r for n, r in zip(rows, ranks, strict=True)) * plane * el
+        fl = sum(2 * n * width * r * plane for n, r in zip(rows, ranks, strict=True))
+        out.append(
+            Bench(
+                op="pointwise_combine",
+                case=f"{level}.experts_out",
+                shape=list(h.shape),
+                forward=lambda p, h=h, w=w, res=res, gates=gates, ranks=ranks, c_out=c_out: (
+                    moce_kernels.pointwise_combine(h, w, None, plan, ranks, c_out, res, gates, backend=p)
+                ),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[h, w, res, gates],
+                # forward: the rows' active channels, the residual and the weight in, the images
+                # out; backward: grad out and the residual in, the rows recomputed (gates), grad h,
+                # grad residual and the weight gradient out.
+                bytes_moved=_with_full(
+                    active_in + nbytes(w, res) + nbytes(res),
+                    3 * nbytes(res) + 2 * active_in + nbytes(h) + 2 * nbytes(w),
+                ),
+                flops=_full_flops(fl, 3 * fl),
+            )
+        )
+    return out
+
+
 def bench_layernorm2d(sizes: Sizes, device, dtype) -> list[Bench]:
     out = []
     for level, (width, side) in sizes.levels.items():
@@ -447,6 +536,8 @@ SETUPS = {
     "route": bench_route,
     "dispatch": bench_dispatch,
     "combine": bench_combine,
+    "dispatch_pointwise": bench_dispatch_pointwise,
+    "pointwise_combine": bench_pointwise_combine,
     "dwconv_gelu_gate": bench_dwconv_gelu_gate,
     "grouped_dwconv": bench_grouped_dwconv,
     "grouped_layernorm2d": bench_grouped_layernorm2d,

@@ -51,7 +51,7 @@ def dispatch_pointwise(
     Raises:
         TypeError / ValueError: wrong type, rank, dtype, device or shape; widths out of range; a
         plan for another batch size, device or number of experts, or a corrupted one (index
-        values are checked on CPU tensors; on a GPU the fast backend trusts a plan from
+        values are checked on CPU tensors; on a GPU every backend trusts a plan from
         :func:`~moce_kernels.route`, as checking would read it on the host).
     """
     check_pointwise_args("x", x, weight, bias, in_channels, out_channels)
@@ -59,15 +59,21 @@ def dispatch_pointwise(
     if x.shape[0] != plan.batch_size:
         raise ValueError(f"x must have batch size {plan.batch_size} (the plan's), got shape {tuple(x.shape)}")
     if plan.num_experts != weight.shape[0]:
-        raise ValueError(f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}")
+        raise ValueError(
+            f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}"
+        )
     slots = plan.batch_size * plan.k
     fields = [("sorted_images", plan.batch_size), ("inverse", slots)]
     check_plan_lengths(plan, [name for name, _ in fields])
     check_shape("plan.offsets", plan.offsets, (plan.num_experts + 1,))
     chosen = resolve_backend("dispatch_pointwise", backend, x.device)
-    if chosen == "reference" or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
+    # Index values are read on the host: free for CPU tensors; on a GPU (any backend: this op
+    # runs inside the sync-free expert path) a plan from route is trusted.
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         check_plan_indices(plan, fields)
         check_offsets_on_host(plan.offsets, slots)
     if chosen == "reference":
         return dispatch_pointwise_reference(x, weight, bias, plan, in_channels, out_channels)
-    return implementation("dispatch_pointwise", chosen)(x, weight, bias, plan, list(in_channels), list(out_channels))
+    return implementation("dispatch_pointwise", chosen)(
+        x, weight, bias, plan, list(in_channels), list(out_channels)
+    )

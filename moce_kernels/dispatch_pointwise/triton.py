@@ -80,7 +80,9 @@ def _dispatch_pointwise_fwd_fake(x, weight, bias, offsets, sorted_images, invers
     return x.new_empty((sorted_images.shape[0], weight.shape[1], x.shape[2], x.shape[3]))
 
 
-def _dispatch_pointwise_bwd_fake(grad_y, x, weight, offsets, sorted_images, inverse, in_channels, out_channels):
+def _dispatch_pointwise_bwd_fake(
+    grad_y, x, weight, offsets, sorted_images, inverse, in_channels, out_channels
+):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:2])
 
 

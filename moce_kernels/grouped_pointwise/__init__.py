@@ -11,7 +11,12 @@ from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels._grouping import check_channels, check_offsets_on_host
 from moce_kernels.grouped_pointwise.reference import grouped_pointwise_reference, pack_pointwise_weights
 
-__all__ = ["check_pointwise_args", "grouped_pointwise", "grouped_pointwise_reference", "pack_pointwise_weights"]
+__all__ = [
+    "check_pointwise_args",
+    "grouped_pointwise",
+    "grouped_pointwise_reference",
+    "pack_pointwise_weights",
+]
 
 
 def check_pointwise_args(

@@ -57,7 +57,7 @@ def pointwise_combine(
     Raises:
         TypeError / ValueError: wrong type, rank, dtype, device or shape; widths out of range; a
         plan for another device or number of experts, or a corrupted one (index values are
-        checked on CPU tensors; on a GPU the fast backend trusts a plan from
+        checked on CPU tensors; on a GPU every backend trusts a plan from
         :func:`~moce_kernels.route`, as checking would read it on the host).
     """
     check_pointwise_args("h", h, weight, bias, in_channels, out_channels)
@@ -66,7 +66,9 @@ def pointwise_combine(
     if h.shape[0] != slots:
         raise ValueError(f"h must have B * k = {slots} rows (the plan's), got shape {tuple(h.shape)}")
     if plan.num_experts != weight.shape[0]:
-        raise ValueError(f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}")
+        raise ValueError(
+            f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}"
+        )
     if residual is not None:
         check_tensor("residual", residual, ndim=4, dtypes=FLOAT_DTYPES, device=h.device)
         check_shape("residual", residual, (plan.batch_size, weight.shape[1], *h.shape[2:]))
@@ -79,7 +81,9 @@ def pointwise_combine(
     check_plan_lengths(plan, [name for name, _ in fields])
     check_shape("plan.offsets", plan.offsets, (plan.num_experts + 1,))
     chosen = resolve_backend("pointwise_combine", backend, h.device)
-    if chosen == "reference" or (h.device.type == "cpu" and not torch.compiler.is_compiling()):
+    # Index values are read on the host: free for CPU tensors; on a GPU (any backend: this op
+    # runs inside the sync-free expert path) a plan from route is trusted.
+    if h.device.type == "cpu" and not torch.compiler.is_compiling():
         check_plan_indices(plan, fields)
         check_offsets_on_host(plan.offsets, slots)
     if chosen == "reference":

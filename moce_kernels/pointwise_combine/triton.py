@@ -90,7 +90,9 @@ def pointwise_combine_kernel(
                     w_rows[:, None] + (k0 + ks)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
                 )
                 a = tl.load(
-                    h_row + ((k0 + ks) * P)[:, None] + ps[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0
+                    h_row + ((k0 + ks) * P)[:, None] + ps[None, :],
+                    mask=k_ok[:, None] & p_ok[None, :],
+                    other=0.0,
                 )
                 acc = mma(acc, w.to(a.dtype), a, USE_DOT, DOT_UPCAST)
             if HAS_BIAS:
@@ -185,7 +187,13 @@ def pointwise_combine_bwd(
             pointwise.launch_rows(h, weight, bias, offsets, meta, y, transpose=False)
     with _triton_common.device_guard(h):
         grad_rows, grad_gates = combine_bwd(
-            grad_out.view(batch, features), y.view(slots, features), gates, inverse, sorted_slots, True, need_gates
+            grad_out.view(batch, features),
+            y.view(slots, features),
+            gates,
+            inverse,
+            sorted_slots,
+            True,
+            need_gates,
         )
     grad_h, grad_weight, grad_bias = pointwise.grouped_pointwise_bwd(
         grad_rows.view(rows_shape), h, weight, offsets, in_channels, out_channels

@@ -135,11 +135,15 @@ def run_experts_grouped(
         return _run(packed, x, shared, plan, depth, backend, dtype)
 
 
-def _run(p: _Grouped, x, shared, plan: RoutingPlan, depth: int, backend: str, dtype: torch.dtype) -> torch.Tensor:
+def _run(
+    p: _Grouped, x, shared, plan: RoutingPlan, depth: int, backend: str, dtype: torch.dtype
+) -> torch.Tensor:
     ranks, full, offsets = p.ranks, [p.dim] * len(p.ranks), plan.offsets
 
     def pointwise(t, params, c_in, c_out):
-        return grouped_pointwise(t, *params, offsets, c_in, c_out, backend=op_backend("grouped_pointwise", backend))
+        return grouped_pointwise(
+            t, *params, offsets, c_in, c_out, backend=op_backend("grouped_pointwise", backend)
+        )
 
     def from_images(t, params, c_out):
         return dispatch_pointwise(
@@ -153,7 +157,11 @@ def _run(p: _Grouped, x, shared, plan: RoutingPlan, depth: int, backend: str, dt
     gating = F.silu(from_images(shared, p.proj1, ranks))
     feats = None  # the rows after each step but the last (depth > 1 chains the expert)
     for step in range(depth):
-        h = from_images(x, p.proj0, ranks) if feats is None else pointwise(feats.to(dtype), p.proj0, full, ranks)
+        h = (
+            from_images(x, p.proj0, ranks)
+            if feats is None
+            else pointwise(feats.to(dtype), p.proj0, full, ranks)
+        )
         q = depthwise(pointwise(h, p.q, ranks, ranks), p.q_dw)
         k = depthwise(pointwise(h, p.k, ranks, ranks), p.k_dw)
         v = depthwise(pointwise(h, p.v, ranks, ranks), p.v_dw)
@@ -174,5 +182,7 @@ def _run(p: _Grouped, x, shared, plan: RoutingPlan, depth: int, backend: str, dt
                 return combined
             return combined + combine(feats, plan, backend=op_backend("combine", backend))
         rows = pointwise(out, p.proj2, ranks, full)
-        feats = rows + (dispatch(x, plan, backend=op_backend("dispatch", backend)) if feats is None else feats)
+        feats = rows + (
+            dispatch(x, plan, backend=op_backend("dispatch", backend)) if feats is None else feats
+        )
     raise AssertionError("depth must be >= 1")  # MoCELayer checks it

@@ -451,18 +451,24 @@ AOT_BODY = """
         b = pw._rows_blocks(c_in if transpose else c_out, c_out if transpose else c_in, 128 * 128, dtype)
         sig = dict(a_ptr=t, src_ptr="*i64", w_ptr=t, b_ptr=t, off_ptr=offsets, meta_ptr="*i32", y_ptr=t,
                    **dict.fromkeys(ints, "i32"), m_blocks="i32")
-        consts = dict(TRANSPOSE=transpose, HAS_BIAS=not transpose, GATHER=gather, **pw._dot_flags(dtype), BLOCK_E=4,
+        consts = dict(TRANSPOSE=transpose, HAS_BIAS=not transpose, GATHER=gather, **pw._dot_flags(dtype),
+                      BLOCK_E=4,
                       BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32)
         compile_(label, pw.grouped_pointwise_rows_kernel, sig, consts, pw._num_warps(dtype))
-    for label, dtype, gather in (("wgrad-bf16", torch.bfloat16, False), ("wgrad-fp32", torch.float32, False),
-                                 ("wgrad-fp64", torch.float64, False), ("wgrad-gather-bf16", torch.bfloat16, True)):
+    for label, dtype, gather in (
+        ("wgrad-bf16", torch.bfloat16, False),
+        ("wgrad-fp32", torch.float32, False),
+        ("wgrad-fp64", torch.float64, False),
+        ("wgrad-gather-bf16", torch.bfloat16, True),
+    ):
         t, acc = "*" + TL[dtype], "*fp64" if dtype == torch.float64 else "*fp32"
         b = pw._weight_blocks(96, 96, 128 * 128, dtype)
         sig = dict(x_ptr=t, src_ptr="*i64", gy_ptr=t, off_ptr="*i64", meta_ptr="*i32", part_w_ptr=acc,
                    part_b_ptr=acc, **dict.fromkeys(ints, "i32"), o_blocks="i32", i_blocks="i32", chunks="i32",
                    chunk_len="i32")
-        consts = dict(GATHER=gather, **pw._dot_flags(dtype), BLOCK_E=4, BLOCK_O=b["block_o"], BLOCK_I=b["block_i"],
+        consts = dict(GATHER=gather, **pw._dot_flags(dtype), BLOCK_E=4, BLOCK_O=b["block_o"],
+                      BLOCK_I=b["block_i"],
                       BLOCK_P=b["block_p"], ACC=tl.float64 if dtype == torch.float64 else tl.float32)
         compile_(label, pw.grouped_pointwise_bwd_weight_kernel, sig, consts, pw._num_warps(dtype))
         sig = dict(part_w_ptr=acc, part_b_ptr=acc, off_ptr="*i32", meta_ptr="*i32", gw_ptr=t, gb_ptr=t,

@@ -162,6 +162,63 @@ def test_grouped_pointwise(backend, num_experts, rows, hw, dtype, kind, data):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol * 5, rtol=rtol * 2)
 
 
+def _fused_io_case(data, num_experts, batch, hw, dtype, pattern):
+    """(plan, weight [E, Cout_max, Cin_max], bias or None, in widths, out widths, generator)."""
+    k = data.draw(st.integers(1, num_experts))
+    _, plan = make_routing_impl(batch, num_experts, k, pattern, seed=data.draw(st.integers(0, 2**16)))
+    c_in = [data.draw(st.integers(1, 20)) for _ in range(num_experts)]
+    c_out = [data.draw(st.integers(1, 20)) for _ in range(num_experts)]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    weight = (torch.randn(num_experts, max(c_out), max(c_in), generator=g) / 4).to(dtype)
+    bias = torch.randn(num_experts, max(c_out), generator=g).to(dtype) if data.draw(st.booleans()) else None
+    return plan, weight, bias, c_in, c_out, g
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("dispatch_pointwise"))
+@given(
+    num_experts=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    dtype=DTYPES,
+    pattern=PATTERNS,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_dispatch_pointwise(backend, num_experts, batch, hw, dtype, pattern, kind, data):
+    plan, weight, bias, c_in, c_out, g = _fused_io_case(data, num_experts, batch, hw, dtype, pattern)
+    x = torch.randn(batch, max(c_in), *hw, generator=g).to(dtype)
+    out = mk.dispatch_pointwise(layout(x, kind), weight, bias, plan, c_in, c_out, backend=backend)
+    ref = mk.dispatch_pointwise(x, weight, bias, plan, c_in, c_out, backend="reference")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol * 5, rtol=rtol * 2)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("pointwise_combine"))
+@given(
+    num_experts=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    dtype=DTYPES,
+    pattern=PATTERNS,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_pointwise_combine(backend, num_experts, batch, hw, dtype, pattern, kind, data):
+    plan, weight, bias, c_in, c_out, g = _fused_io_case(data, num_experts, batch, hw, dtype, pattern)
+    h = torch.randn(batch * plan.k, max(c_in), *hw, generator=g).to(dtype)
+    residual = None
+    if data.draw(st.booleans()):
+        residual = torch.randn(batch, max(c_out), *hw, generator=g).to(
+            data.draw(st.sampled_from([dtype, torch.float32]))
+        )
+    out = mk.pointwise_combine(layout(h, kind), weight, bias, plan, c_in, c_out, residual, backend=backend)
+    ref = mk.pointwise_combine(h, weight, bias, plan, c_in, c_out, residual, backend="reference")
+    assert out.dtype == ref.dtype
+    atol, rtol = TOL[dtype]
+    # k gated rows of sums over up to 20 products, each rounded to the dtype.
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol * 8, rtol=rtol * 2)
+
+
 @pytest.mark.parametrize("backend", backends_or_skip("grouped_layernorm2d"))
 @given(
     num_experts=st.integers(1, 4),
