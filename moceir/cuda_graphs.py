@@ -107,8 +107,11 @@ class UnusedExperts:
 
     def __init__(self, adapters: list[MoCELayer], optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        # (adapter, expert index, the expert's parameters).
-        self.experts = [(a, e, list(ex.parameters())) for a in adapters for e, ex in enumerate(a.experts)]
+        self.adapters = adapters
+        # (adapter index, expert index, the expert's parameters).
+        self.experts = [
+            (i, e, list(ex.parameters())) for i, a in enumerate(adapters) for e, ex in enumerate(a.experts)
+        ]
 
     def _tensors(self, params: list[nn.Parameter]) -> dict[tuple, torch.Tensor]:
         """An expert's weights and their optimizer state tensors, keyed (parameter, state name)."""
@@ -129,13 +132,18 @@ class UnusedExperts:
             kept.append(dict(zip(now, torch._foreach_mul(list(now.values()), 1.0), strict=True)))
         return kept
 
-    def undo(self, kept: list[dict[tuple, torch.Tensor]]) -> None:
+    def undo(self, kept: list[dict[tuple, torch.Tensor]], counts: torch.Tensor | None = None) -> None:
         """t = t * used + kept * (1 - used) per expert, with ``used`` from the routing counts on
         the device: exact for used in {0, 1}. State the step created (Adam's first step) has no
-        copy: it is zeroed for an unused expert, which is where a fresh state starts."""
+        copy: it is zeroed for an unused expert, which is where a fresh state starts.
+
+        ``counts``: [adapters, experts] routing counts of the whole step (summed over its
+        micro-batches); None takes each adapter's last forward's."""
+        if counts is None:
+            counts = torch.stack([a.last_plan.counts for a in self.adapters])
         with torch.no_grad():
-            for (adapter, e, params), before in zip(self.experts, kept, strict=True):
-                used = (adapter.last_plan.counts[e] > 0).to(torch.float32)
+            for (i, e, params), before in zip(self.experts, kept, strict=True):
+                used = (counts[i, e] > 0).to(torch.float32)
                 after = self._tensors(params)
                 torch._foreach_mul_(list(after.values()), used)
                 keys = [k for k in after if k in before]
@@ -207,6 +215,11 @@ class GraphedTrainStep:
     output, target)`` builds the loss inside the graph (add ``model.total_loss`` there for the
     routing loss). ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward under autocast.
     ``clip_grad`` > 0 clips the gradients' global norm inside the graph (no host read).
+    ``accumulation`` > 1 splits each batch into that many micro-batches (the batch size must
+    divide): forward and backward of each in turn, the losses divided by ``accumulation`` and
+    the gradients summed, then one optimizer step, all in the one graph (activation memory of
+    one micro-batch). The step's loss is then the mean over the micro-batches, and
+    ``routing_counts`` ([adapters, experts] device tensor, refreshed at each step) sums them.
     ``skip_unused_experts``: leave the weights and optimizer state of experts that no image
     chose as they were (eager semantics, see the module's docstring); False lets the optimizer
     update them from zero gradients (a little less work).
@@ -232,6 +245,7 @@ class GraphedTrainStep:
         skip_unused_experts: bool = True,
         clip_grad: float = 0.0,
         capture: bool = True,
+        accumulation: int = 1,
     ) -> None:
         if capture:
             _check_model(model, "GraphedTrainStep")
@@ -252,6 +266,16 @@ class GraphedTrainStep:
             raise ValueError(f"warmup must be >= 1 (the optimizer state is created then), got {warmup}")
         if not clip_grad >= 0:
             raise ValueError(f"clip_grad must be >= 0 (0: no clipping), got {clip_grad}")
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"accumulation must be an int >= 1, got {accumulation!r}")
+        if example_input.shape[0] % accumulation or example_target.shape[0] != example_input.shape[0]:
+            raise ValueError(
+                f"example_input and example_target must hold the same number of images, a multiple of "
+                f"accumulation = {accumulation} (the micro-batches), got {example_input.shape[0]} and "
+                f"{example_target.shape[0]}"
+            )
+        self.accumulation = accumulation
+        self.routing_counts: torch.Tensor | None = None
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.autocast_dtype, self.clip_grad, self.capture = autocast_dtype, float(clip_grad), capture
         self._device_type = device.type
@@ -281,15 +305,24 @@ class GraphedTrainStep:
             self._restore_state(saved)
 
     def _body(self) -> torch.Tensor:
-        with torch.autocast(
-            self._device_type,
-            dtype=self.autocast_dtype or torch.bfloat16,
-            enabled=self.autocast_dtype is not None,
-            cache_enabled=False,
-        ):
-            out = self.model(self.static_input)
-            loss = self.loss_fn(self.model, out, self.static_target)
-        loss.backward()
+        micro = self.static_input.shape[0] // self.accumulation
+        losses, counts = [], None
+        for a in range(self.accumulation):
+            part = slice(a * micro, (a + 1) * micro)
+            with torch.autocast(
+                self._device_type,
+                dtype=self.autocast_dtype or torch.bfloat16,
+                enabled=self.autocast_dtype is not None,
+                cache_enabled=False,
+            ):
+                out = self.model(self.static_input[part])
+                loss = self.loss_fn(self.model, out, self.static_target[part])
+            (loss / self.accumulation if self.accumulation > 1 else loss).backward()
+            losses.append(loss.detach())
+            step_counts = torch.stack([adapter.last_plan.counts for adapter in self._adapters])
+            counts = step_counts if counts is None else counts + step_counts
+        # Captured: a tensor of the graph's, which each replay refills.
+        self.routing_counts = counts
         if self.clip_grad > 0:
             # foreach norms and scaling, no host read (error_if_nonfinite would be one); zero
             # gradients of unused experts add nothing to the norm, as None ones would not.
@@ -298,8 +331,8 @@ class GraphedTrainStep:
         kept = self._unused.keep() if self._unused is not None else None
         self.optimizer.step()
         if self._unused is not None:
-            self._unused.undo(kept)
-        return loss.detach()
+            self._unused.undo(kept, counts)
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _save_state(self) -> dict:
         """Copies of the weights, buffers and optimizer state the warm-up steps will change."""

@@ -353,8 +353,6 @@ def _check_cuda_graph_training(
     problems = []
     if model.backend == "reference":
         problems.append("a fast --backend (the reference reads routing counts on the host)")
-    if stream.accumulation != 1:
-        problems.append("--accumulation 1")
     if dist_info.world != 1:
         problems.append("one process (no torchrun)")
     if recipe.amp == "fp16":
@@ -415,6 +413,7 @@ class Trainer:
             )
         self.cuda_graph = cuda_graph
         self._graphed: GraphedTrainStep | None = None
+        self._micro_parts: list[torch.Tensor] = []  # the graphed step's loss parts, per micro-batch
         if cuda_graph:
             _check_cuda_graph_training(model, stream, recipe, self.dist, compile_model)
         if compile_model:
@@ -565,15 +564,21 @@ class Trainer:
         return {"loss": loss, "l1": l1, "fft": fft, "aux": aux, "lr": lr}
 
     def _graph_loss(self, net: nn.Module, out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch inside the graph; after the step's last micro-batch
+        ``_graph_parts`` holds the mean loss parts over the step (a tensor of the graph's, which
+        each replay refills)."""
         loss, parts = restoration_loss(out, gt, net.total_loss, self.weights)
-        # Captured once: these tensors then hold each replay's values.
-        self._graph_parts = torch.stack([loss.detach(), parts["l1"], parts["fft"], parts["aux"]])
+        self._micro_parts.append(torch.stack([loss.detach(), parts["l1"], parts["fft"], parts["aux"]]))
+        if len(self._micro_parts) == self.stream.accumulation:
+            parts_list, self._micro_parts = self._micro_parts, []
+            self._graph_parts = parts_list[0] if len(parts_list) == 1 else torch.stack(parts_list).mean(0)
         return loss
 
     def _build_graph(self, lq: torch.Tensor, gt: torch.Tensor) -> GraphedTrainStep:
         """The step captured on the first batch (after a resume: of the resumed optimizer). AdamW
         is made capturable here, its lr a device tensor the graph reads at each replay."""
         capture = self.device.type == "cuda"
+        self._micro_parts = []
         if capture:
             for g in self.optimizer.param_groups:
                 g["capturable"] = True
@@ -590,18 +595,26 @@ class Trainer:
             autocast_dtype=self.amp_dtype,
             clip_grad=self.recipe.clip_grad,
             capture=capture,
+            accumulation=self.stream.accumulation,
         )
 
     def _graphed_step(self) -> dict[str, float]:
-        """``step()`` with forward, backward and AdamW in one CUDA graph (see ``cuda_graph``)."""
-        lq, gt = self._next_batch()
+        """``step()`` with forward, backward and AdamW in one CUDA graph (see ``cuda_graph``).
+
+        The step's micro-batches go to the graph as one batch, which it splits again. Unlike the
+        eager step, the routing noise of the micro-batches is drawn from one seed per step (a
+        graph cannot re-seed between them): with ``accumulation`` > 1 the two modes draw
+        different noise (with 1 the same)."""
+        batches = [self._next_batch() for _ in range(self.stream.accumulation)]
+        lq = torch.cat([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+        gt = torch.cat([b[1] for b in batches]) if len(batches) > 1 else batches[0][1]
         if self._graphed is None:
             self._graphed = self._build_graph(lq, gt)
         lr = lr_at(self.step_count, self.recipe)
         self._graphed.set_lr(lr)
         torch.manual_seed(noise_seed(self.recipe.seed, self.step_count, 0))  # after the build's warm-up
         self._graphed(lq, gt)
-        usage = self._routing_counts()
+        usage = self._graphed.routing_counts.float()
         host = torch.cat([usage.reshape(-1), self._graph_parts]).cpu().numpy()  # the one sync
         counts = host[: usage.numel()].reshape(usage.shape).astype(np.int64)
         self.step_count += 1
@@ -997,8 +1010,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="capture the whole step (forward, backward, AdamW) in a CUDA graph and replay it: one host "
-        "call per step (CUDA, a fast backend, --accumulation 1, one process, no fp16)",
+        help="capture the whole step (forward, backward, AdamW; every micro-batch of --accumulation) in a "
+        "CUDA graph and replay it: one host call per step (CUDA, a fast backend, one process, no fp16)",
     )
     parser.set_defaults(func=run)
     _DEFAULTS.update({a: parser.get_default(a) for a in RECIPE_ARGS})

@@ -120,3 +120,56 @@ def test_uncaptured_step_is_the_captured_steps_computation_on_the_cpu():
         step(x[:1], y[:1])
     with pytest.raises(ValueError, match="clip_grad"):
         GraphedTrainStep(model, opt, _loss, x0, x0, clip_grad=-1.0, capture=False)
+
+
+def test_uncaptured_step_with_accumulation_sums_its_micro_batches_on_the_cpu():
+    """``accumulation=2``: the batch's two halves run forward and backward in turn (losses
+    halved, gradients summed), then one clipped AdamW step whose unused experts are those no
+    image of either half chose: bit for bit the same as writing that out by hand. The step's loss
+    is the halves' mean and ``routing_counts`` sums their routing counts."""
+    import copy  # noqa: PLC0415
+
+    from moceir.cuda_graphs import UnusedExperts  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    by_hand = moceir.build_model("moce_ir_s", backend="reference", **SMALL).train()
+    model = copy.deepcopy(by_hand)
+    opt_hand = torch.optim.AdamW(by_hand.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x0 = torch.rand(4, 3, 16, 24)
+    step = GraphedTrainStep(model, opt, _loss, x0, x0, clip_grad=0.5, capture=False, accumulation=2)
+    guard = UnusedExperts(by_hand.adapters(), opt_hand)
+    by_hand.set_expert_path("sync_free")
+    for seed in range(2):
+        x, y = torch.rand(4, 3, 16, 24), torch.rand(4, 3, 16, 24)
+        torch.manual_seed(seed)
+        got = step(x, y)
+        torch.manual_seed(seed)
+        opt_hand.zero_grad(set_to_none=True)
+        losses, counts = [], 0
+        for half in (slice(0, 2), slice(2, 4)):
+            loss = _loss(by_hand, by_hand(x[half]), y[half])
+            (loss / 2).backward()
+            losses.append(loss.detach())
+            counts = counts + torch.stack([a.last_plan.counts for a in by_hand.adapters()])
+        torch.nn.utils.clip_grad_norm_([p for p in by_hand.parameters() if p.grad is not None], 0.5)
+        kept = guard.keep()
+        opt_hand.step()
+        guard.undo(kept, counts)
+        assert torch.equal(got, torch.stack(losses).mean())
+        assert torch.equal(step.routing_counts, counts)
+        assert int(counts.sum(1).max()) == 4  # every adapter routed all 4 images (k = 1)
+    for p, q in zip(by_hand.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "batch", "match"),
+    [(0, 4, "accumulation must be an int >= 1"), (True, 4, "accumulation must be"), (3, 4, "a multiple of")],
+)
+def test_accumulation_is_checked(accumulation, batch, match):
+    model = moceir.build_model("moce_ir_s", backend="reference", **SMALL)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.rand(batch, 3, 16, 24)
+    with pytest.raises(ValueError, match=match):
+        GraphedTrainStep(model, opt, _loss, x, x, capture=False, accumulation=accumulation)

@@ -112,6 +112,33 @@ def test_graphed_train_step_matches_eager_steps(backend, skip_unused):
 
 
 @pytest.mark.parametrize("backend", _backends())
+def test_graphed_train_step_with_accumulation_matches_its_uncaptured_twin(backend):
+    """``accumulation=2`` captured: both micro-batches' forward and backward and one AdamW step
+    in the graph give the step of the same object run without a graph (``capture=False``, eager
+    on the GPU, same seeds): losses, the first step's gradients, the summed routing counts."""
+    twin_model = _model(backend).train()
+    graphed_model = copy.deepcopy(twin_model)
+    opt_twin = torch.optim.AdamW(twin_model.parameters(), lr=1e-3, capturable=True)
+    opt_graphed = torch.optim.AdamW(graphed_model.parameters(), lr=1e-3, capturable=True)
+    x0 = torch.rand(4, 3, 16, 24, device="cuda")
+    graphed = GraphedTrainStep(graphed_model, opt_graphed, _loss, x0, x0, accumulation=2)
+    twin = GraphedTrainStep(twin_model, opt_twin, _loss, x0, x0, accumulation=2, capture=False)
+    for seed in range(2):
+        x, y = torch.rand(4, 3, 16, 24, device="cuda"), torch.rand(4, 3, 16, 24, device="cuda")
+        torch.manual_seed(seed)
+        got = graphed(x, y).clone()
+        torch.manual_seed(seed)
+        want = twin(x, y)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(graphed.routing_counts, twin.routing_counts)
+        assert int(graphed.routing_counts.sum(1).max()) == 4
+        if seed == 0:
+            for (name, p), q in zip(twin_model.named_parameters(), graphed_model.parameters(), strict=True):
+                if p.grad is not None:
+                    torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_graphed_train_step_bf16_autocast_and_lr(backend):
     """bf16 autocast inside the graph trains (finite loss); a tensor learning rate set to 0
     between replays leaves the weights unchanged (AdamW's decay is lr-scaled too)."""
