@@ -59,6 +59,7 @@ OUTDIR=""
 # CPU-only files and cases (-k "not cpu") the GPU adds nothing to.
 TEST_PATHS="tests/model/test_backends_gpu.py tests/model/test_cuda_graphs_gpu.py
     tests/cli/test_train.py::test_cuda_graph_training_on_a_gpu_resumes_exactly_and_tracks_eager
+    tests/ops/test_expert_io_fusion.py
     tests/ops/test_compiled_messages.py tests/ops/test_*_compiled.py
     tests/ops/test_*_triton.py tests/ops/test_layernorm2d.py tests/ops/test_dwconv_gelu_gate.py"
 TEST_FILTER="not cpu"
