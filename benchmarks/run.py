@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     size.add_argument("--tiny", action="store_true", help="toy sizes: checks that everything runs")
+    size.add_argument(
+        "--issue-shapes",
+        action="store_true",
+        help="models: the inference workloads at the issue's sizes (batch 1 at 512 x 512, batch 16 at "
+        "256 x 256, float32) on any device; ops: the full sizes",
+    )
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument(
         "--workloads", default="inference,training,video", help="comma-separated model workloads"
@@ -131,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: load average {load[0]:.1f} on {env['cpu_count']} cores; --threads 1 is steadier")
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    name = "-".join(x for x in (device.type, stamp, "+".join(suites), size, args.name) if x)
+    size_name = "issue" if args.issue_shapes else size
+    name = "-".join(x for x in (device.type, stamp, "+".join(suites), size_name, args.name) if x)
     results = ResultFile(
         args.output / f"{name}.json",
         {
             "schema": SCHEMA,
             "environment": env,
-            "size": size,
+            "size": size_name,
             "suites": list(suites),
             "ceilings": ceil,
             "unavailable": {},
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print("moce_ir_s:", flush=True)
             why = run_models(
                 device,
-                size,
+                "issue" if args.issue_shapes else size,
                 ceil,
                 emit,
                 deadline,

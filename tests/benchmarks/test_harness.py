@@ -220,6 +220,27 @@ def test_model_providers_can_be_chosen(tmp_path):
     assert [r["provider"] for r in rows] == ["reference"]
 
 
+def test_issue_shapes_are_the_issues_inference_workloads(tmp_path, monkeypatch):
+    from benchmarks import run  # noqa: PLC0415
+
+    for device in ("cpu", "cuda"):
+        wls = models.workloads(torch.device(device), "issue")
+        assert [(w.kind, w.batch, w.height, w.width, w.precision) for w in wls] == [
+            ("inference", 1, 512, 512, "float32"),
+            ("inference", 16, 256, 256, "float32"),
+        ]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--issue-shapes", "--tiny"])
+    # The flag reaches the model runner (not run here: minutes on a CPU) and names the file.
+    seen = []
+    monkeypatch.setattr(models, "run_models", lambda device, size, *a, **k: seen.append(size) or {})
+    argv = ["--suite", "models", "--issue-shapes", "--threads", "1", "--output", str(tmp_path)]
+    assert run.main(argv) == 0
+    assert seen == ["issue"]
+    (result,) = tmp_path.glob("*.json")
+    assert "-issue" in result.name and json.loads(result.read_text())["size"] == "issue"
+
+
 def test_model_providers_on_the_cpu():
     model = models.ModelBench(torch.device("cpu"), {}, overrides=models.TINY_OVERRIDES).base
     providers, unavailable = models.model_providers(model, torch.device("cpu"))
