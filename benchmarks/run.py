@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['build']}")
-    print(f"commit {env['commit'][:12]} | {env['threads']} threads | sizes: {size}", flush=True)
+    shown = "issue (models), full (ops)" if args.issue_shapes else size
+    print(f"commit {env['commit'][:12]} | {env['threads']} threads | sizes: {shown}", flush=True)
     ceil = ceilings(device, size)
     rates = ", ".join(f"{k} {v:.2f}" for k, v in ceil["matmul_tflops"].items())
     print(f"copy {ceil['copy_gb_per_s']:.1f} GB/s (read + write) | matmul TFLOP/s: {rates}", flush=True)
