@@ -108,6 +108,21 @@ def pointwise_combine_kernel(
     tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
+#: The most pixels per float32 tile on a GPU: the kernel keeps two [BLOCK_M, BLOCK_P] float32
+#: accumulators (the row's product and the image's sum); at the row kernel's 128 pixels ptxas
+#: needs 255 registers for the float32 (FMA) product, at 64 fewer (see the AOT test).
+_FP32_BLOCK_P = 64
+
+
+def _blocks(c_out: int, c_in: int, pixels: int, dtype: torch.dtype) -> dict[str, int]:
+    """``grouped_pointwise``'s row-kernel tiles, with float32's pixel tile capped on a GPU."""
+    b = pointwise._rows_blocks(c_out, c_in, pixels, dtype)
+    if dtype == torch.float32 and not _triton_common.interpreted() and b["block_p"] > _FP32_BLOCK_P:
+        b["block_p"] = _FP32_BLOCK_P
+        b["p_blocks"] = triton.cdiv(pixels, _FP32_BLOCK_P)
+    return b
+
+
 def _acc(*tensors: torch.Tensor | None) -> tuple[torch.dtype, tl.dtype]:
     """float64 accumulation when any input is float64 (gradcheck), else float32."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
@@ -143,7 +158,7 @@ def pointwise_combine_fwd(
     if out.numel() == 0:
         return out
     meta = _triton_common.expert_metadata(tuple(in_channels), tuple(out_channels), h.device)
-    b = pointwise._rows_blocks(c_out, c_in, pixels, h.dtype)
+    b = _blocks(c_out, c_in, pixels, h.dtype)
     with _triton_common.device_guard(h):
         pointwise_combine_kernel[(batch * b["p_blocks"] * b["m_blocks"],)](
             h, weight, h if bias is None else bias, offsets, meta, inverse, gates,

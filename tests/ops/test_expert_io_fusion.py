@@ -256,6 +256,19 @@ def test_small_tiles_match_reference(case, monkeypatch):
 
 
 @needs_triton
+def test_float32_gpu_tiles_match_reference(monkeypatch):
+    # On a GPU pointwise_combine caps float32's pixel tile (registers): the same tile here.
+    pc_triton = importlib.import_module("moce_kernels.pointwise_combine.triton")
+    monkeypatch.setattr(pc_triton._triton_common, "interpreted", lambda: False)
+    assert pc_triton._blocks(7, 9, 9 * 9, torch.float32)["p_blocks"] == 2
+    case = ((5, 9, 3), (6, 2, 7), 3, 2, "random", 9, 9)
+    got = _run_combine("triton", *_combine_inputs(case, torch.float32, torch.float32))
+    want = _run_combine("reference", *_combine_inputs(case, torch.float32, torch.float32), acc=torch.float32)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@needs_triton
 def test_every_element_is_written_and_runs_repeat_bit_for_bit(nan_filled_empty):
     case = CASES[0].values[0]
     for fn, inputs in (
@@ -405,7 +418,7 @@ AOT_BODY = """
         ("combine-fp64", torch.float64, "*fp64", 96, 96),
     ):
         t = "*" + TL[dtype]
-        b = pw._rows_blocks(c_out, c_in, 128 * 128, dtype)
+        b = pc._blocks(c_out, c_in, 128 * 128, dtype)
         sig = dict(h_ptr=t, w_ptr=t, b_ptr=t, off_ptr="*i64", meta_ptr="*i32", inv_ptr="*i64",
                    gates_ptr="*fp32", res_ptr=residual or t, out_ptr=residual or t,
                    C_IN="i32", C_OUT="i32", P="i32", E="i32", K="i32", m_blocks="i32")
