@@ -2,11 +2,12 @@
 
 from moceir.checkpoint import load_checkpoint, save_checkpoint
 from moceir.config import CONFIGS, MoCEIRConfig
-from moceir.cuda_graphs import GraphedInference, GraphedTrainStep
+from moceir.cuda_graphs import DeviceLossScaler, GraphedInference, GraphedTrainStep
 from moceir.model import MoCEIR, build_model
 
 __all__ = [
     "CONFIGS",
+    "DeviceLossScaler",
     "GraphedInference",
     "GraphedTrainStep",
     "MoCEIR",

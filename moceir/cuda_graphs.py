@@ -152,6 +152,78 @@ class UnusedExperts:
                     torch._foreach_add_([after[k] for k in keys], restored)
 
 
+class DeviceLossScaler:
+    """``torch.amp.GradScaler``'s dynamic loss scaling with no host read, for float16 inside a
+    CUDA graph: the scale, growth tracker and inf flag live on the device, and a step whose
+    gradients hold Inf/NaN is undone on the device (:class:`GraphedTrainStep`) where GradScaler
+    skips it after reading the flag on the host.
+
+    The same arithmetic as GradScaler (torch's ``_amp_foreach_non_finite_check_and_unscale_`` and
+    ``_amp_update_scale_``). ``state_dict()`` / ``load_state_dict()`` use GradScaler's keys, so a
+    trainer hands its scaler's state over and back (``state_dict()`` reads the device).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        if not (init_scale > 0 and growth_factor > 1 and 0 < backoff_factor < 1 and growth_interval >= 1):
+            raise ValueError(
+                "DeviceLossScaler needs init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1 and "
+                f"growth_interval >= 1, got {init_scale}, {growth_factor}, {backoff_factor}, "
+                f"{growth_interval}"
+            )
+        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.scale = torch.full((), float(init_scale), dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        #: 1.0 when the last step's gradients held Inf/NaN (that step was undone), else 0.0.
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state on the device (scale, growth tracker, inf flag)."""
+        return [self.scale, self.growth_tracker, self.found_inf]
+
+    def unscale_(self, grads: list[torch.Tensor]) -> None:
+        """Divide ``grads`` by the scale in place and set ``found_inf``, as GradScaler.unscale_."""
+        self.found_inf.zero_()
+        inv_scale = self.scale.double().reciprocal().float()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, self.found_inf, inv_scale)
+
+    def update(self) -> None:
+        """Back off after a non-finite step, grow after ``growth_interval`` finite ones."""
+        torch._amp_update_scale_(
+            self.scale, self.growth_tracker, self.found_inf,
+            self.growth_factor, self.backoff_factor, self.growth_interval,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {
+            "scale": float(self.scale),
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "_growth_tracker": int(self.growth_tracker),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """GradScaler's state (``GradScaler.state_dict()``) or this class's."""
+        with torch.no_grad():
+            self.scale.fill_(float(state["scale"]))
+            self.growth_tracker.fill_(int(state["_growth_tracker"]))
+        self.growth_factor = float(state["growth_factor"])
+        self.backoff_factor = float(state["backoff_factor"])
+        self.growth_interval = int(state["growth_interval"])
+
+
 class GraphedInference:
     """``model(x)`` (no autograd) captured in a CUDA graph for inputs of ``example``'s shape.
 
@@ -220,6 +292,9 @@ class GraphedTrainStep:
     the gradients summed, then one optimizer step, all in the one graph (activation memory of
     one micro-batch). The step's loss is then the mean over the micro-batches, and
     ``routing_counts`` ([adapters, experts] device tensor, refreshed at each step) sums them.
+    ``loss_scaler`` (a :class:`DeviceLossScaler`, for float16 autocast): the losses are scaled,
+    the gradients unscaled before clipping, and a step whose gradients hold Inf/NaN is undone
+    (weights and optimizer state as before it; GradScaler would skip it), the scale updated.
     ``skip_unused_experts``: leave the weights and optimizer state of experts that no image
     chose as they were (eager semantics, see the module's docstring); False lets the optimizer
     update them from zero gradients (a little less work).
@@ -246,6 +321,7 @@ class GraphedTrainStep:
         clip_grad: float = 0.0,
         capture: bool = True,
         accumulation: int = 1,
+        loss_scaler: DeviceLossScaler | None = None,
     ) -> None:
         if capture:
             _check_model(model, "GraphedTrainStep")
@@ -274,7 +350,13 @@ class GraphedTrainStep:
                 f"accumulation = {accumulation} (the micro-batches), got {example_input.shape[0]} and "
                 f"{example_target.shape[0]}"
             )
+        if loss_scaler is not None and not isinstance(loss_scaler, DeviceLossScaler):
+            raise ValueError(
+                f"loss_scaler must be a moceir.cuda_graphs.DeviceLossScaler (torch's GradScaler reads the "
+                f"host), got {type(loss_scaler).__name__}"
+            )
         self.accumulation = accumulation
+        self.loss_scaler = loss_scaler
         self.routing_counts: torch.Tensor | None = None
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.autocast_dtype, self.clip_grad, self.capture = autocast_dtype, float(clip_grad), capture
@@ -317,22 +399,63 @@ class GraphedTrainStep:
             ):
                 out = self.model(self.static_input[part])
                 loss = self.loss_fn(self.model, out, self.static_target[part])
-            (loss / self.accumulation if self.accumulation > 1 else loss).backward()
+            scaled = loss / self.accumulation if self.accumulation > 1 else loss
+            if self.loss_scaler is not None:
+                scaled = scaled * self.loss_scaler.scale  # as GradScaler.scale
+            scaled.backward()
             losses.append(loss.detach())
             step_counts = torch.stack([adapter.last_plan.counts for adapter in self._adapters])
             counts = step_counts if counts is None else counts + step_counts
         # Captured: a tensor of the graph's, which each replay refills.
         self.routing_counts = counts
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.loss_scaler is not None:
+            self.loss_scaler.unscale_([p.grad for p in params])
+            # A step with Inf/NaN gradients runs on zeros and is undone below: finite values
+            # throughout, so that the undo's blend is exact.
+            inf = self.loss_scaler.found_inf > 0
+            for p in params:
+                p.grad.masked_fill_(inf, 0.0)
         if self.clip_grad > 0:
             # foreach norms and scaling, no host read (error_if_nonfinite would be one); zero
             # gradients of unused experts add nothing to the norm, as None ones would not.
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         kept = self._unused.keep() if self._unused is not None else None
+        before = self._keep_all() if self.loss_scaler is not None else None
         self.optimizer.step()
         if self._unused is not None:
             self._unused.undo(kept, counts)
+        if self.loss_scaler is not None:
+            self._undo_if_inf(before)
+            self.loss_scaler.update()
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    def _all_tensors(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Every weight and optimizer state tensor, keyed (parameter index, state name)."""
+        found = {}
+        for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"]):
+            found[(i, "")] = p.detach()
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    found[(i, k)] = v
+        return found
+
+    def _keep_all(self) -> dict[tuple[int, str], torch.Tensor]:
+        now = self._all_tensors()
+        return dict(zip(now, torch._foreach_mul(list(now.values()), 1.0), strict=True))
+
+    def _undo_if_inf(self, before: dict[tuple[int, str], torch.Tensor]) -> None:
+        """After a step with Inf/NaN gradients, everything as before it: t = t (1 - f) + kept f,
+        exact for f in {0, 1}; state the step created (Adam's first) is zeroed, a fresh state."""
+        with torch.no_grad():
+            inf = self.loss_scaler.found_inf
+            after = self._all_tensors()
+            torch._foreach_mul_(list(after.values()), 1.0 - inf)
+            keys = [k for k in after if k in before]
+            if keys:
+                torch._foreach_add_(
+                    [after[k] for k in keys], torch._foreach_mul([before[k] for k in keys], inf)
+                )
 
     def _save_state(self) -> dict:
         """Copies of the weights, buffers and optimizer state the warm-up steps will change."""
@@ -344,6 +467,7 @@ class GraphedTrainStep:
                     p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
                     for p, s in self.optimizer.state.items()
                 },
+                "scaler": [t.clone() for t in self.loss_scaler.tensors()] if self.loss_scaler else [],
             }
 
     def _restore_state(self, saved: dict) -> None:
@@ -354,6 +478,10 @@ class GraphedTrainStep:
                 p.copy_(v)
             for b, v in zip(self.model.buffers(), saved["buffers"], strict=True):
                 b.copy_(v)
+            for t, v in zip(
+                self.loss_scaler.tensors() if self.loss_scaler else [], saved["scaler"], strict=True
+            ):
+                t.copy_(v)
             for p, state in self.optimizer.state.items():
                 before = saved["optim"].get(p, {})
                 for k, v in state.items():

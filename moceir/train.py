@@ -46,7 +46,7 @@ import moce_kernels
 import moceir
 from moceir.checkpoint import read_state_dict, save_checkpoint
 from moceir.config import CONFIG_FIELDS, CONFIGS
-from moceir.cuda_graphs import GraphedTrainStep
+from moceir.cuda_graphs import DeviceLossScaler, GraphedTrainStep
 from moceir.data.layouts import (
     TASK_ALIASES,
     TASKS,
@@ -355,8 +355,6 @@ def _check_cuda_graph_training(
         problems.append("a fast --backend (the reference reads routing counts on the host)")
     if dist_info.world != 1:
         problems.append("one process (no torchrun)")
-    if recipe.amp == "fp16":
-        problems.append("--amp bf16 or none (fp16's gradient scaler reads the host)")
     if compile_model:
         problems.append("no --compile (use one or the other)")
     if problems:
@@ -414,6 +412,7 @@ class Trainer:
         self.cuda_graph = cuda_graph
         self._graphed: GraphedTrainStep | None = None
         self._micro_parts: list[torch.Tensor] = []  # the graphed step's loss parts, per micro-batch
+        self._loss_scaler: DeviceLossScaler | None = None  # the graphed step's, with --amp fp16
         if cuda_graph:
             _check_cuda_graph_training(model, stream, recipe, self.dist, compile_model)
         if compile_model:
@@ -461,7 +460,8 @@ class Trainer:
             self.step_count,
             self.model,
             self.optimizer,
-            self.scaler,
+            # The graphed step's scaler holds the current scale (same state_dict keys).
+            self._loss_scaler if self._loss_scaler is not None else self.scaler,
             self.recipe,
             extra,
             self.keep,
@@ -586,6 +586,11 @@ class Trainer:
             for state in self.optimizer.state.values():
                 if "step" in state:
                     state["step"] = state["step"].to(self.device, torch.float32)
+        if self.scaler is not None:
+            # GradScaler reads the inf flag on the host: the graph scales on the device, from
+            # the scaler's state (a resumed run's included).
+            self._loss_scaler = DeviceLossScaler(self.device)
+            self._loss_scaler.load_state_dict(self.scaler.state_dict())
         return GraphedTrainStep(
             self.model,
             self.optimizer,
@@ -596,6 +601,7 @@ class Trainer:
             clip_grad=self.recipe.clip_grad,
             capture=capture,
             accumulation=self.stream.accumulation,
+            loss_scaler=self._loss_scaler,
         )
 
     def _graphed_step(self) -> dict[str, float]:
@@ -1011,7 +1017,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph",
         action="store_true",
         help="capture the whole step (forward, backward, AdamW; every micro-batch of --accumulation) in a "
-        "CUDA graph and replay it: one host call per step (CUDA, a fast backend, one process, no fp16)",
+        "CUDA graph and replay it: one host call per step (CUDA, a fast backend, one process)",
     )
     parser.set_defaults(func=run)
     _DEFAULTS.update({a: parser.get_default(a) for a in RECIPE_ARGS})

@@ -173,3 +173,80 @@ def test_accumulation_is_checked(accumulation, batch, match):
     x = torch.rand(batch, 3, 16, 24)
     with pytest.raises(ValueError, match=match):
         GraphedTrainStep(model, opt, _loss, x, x, capture=False, accumulation=accumulation)
+
+
+def test_device_loss_scaler_is_grad_scalers_arithmetic():
+    """Unscaling and the scale's updates agree with torch.amp.GradScaler bit for bit over finite
+    and non-finite steps (growth after growth_interval finite ones, back-off after Inf/NaN), and
+    the state round-trips through GradScaler's keys."""
+    from moceir.cuda_graphs import DeviceLossScaler  # noqa: PLC0415
+
+    ours = DeviceLossScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    theirs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.0)
+    grads = ([1.0, 2.0, 3.0], [0.5, 0.25, 8.0], [1.0, float("inf"), 0.0], [float("nan"), 1.0, 1.0], [2.0] * 3)
+    for grad in grads:
+        g = torch.tensor(grad) * float(ours.scale)
+        mine = [g.clone()]
+        ours.unscale_(mine)
+        p.grad = g.clone()
+        theirs.scale(torch.ones(()))  # GradScaler creates its scale lazily, at the first scale()
+        theirs.unscale_(opt)
+        torch.testing.assert_close(mine[0], p.grad, atol=0, rtol=0, equal_nan=True)
+        assert bool(ours.found_inf > 0) == (not torch.tensor(grad).isfinite().all())
+        theirs.step(opt)
+        theirs.update()
+        ours.update()
+        assert ours.state_dict() == theirs.state_dict()
+    other = DeviceLossScaler("cpu")
+    other.load_state_dict(theirs.state_dict())
+    assert other.state_dict() == theirs.state_dict()
+    with pytest.raises(ValueError, match="growth_factor > 1"):
+        DeviceLossScaler("cpu", growth_factor=1.0)
+
+
+def test_uncaptured_step_with_loss_scaling_skips_non_finite_steps_like_grad_scaler():
+    """``loss_scaler``: the same steps as the eager GradScaler loop, bit for bit, including a
+    first step whose scaled gradients overflow (GradScaler skips it; here it is undone: weights
+    and AdamW state as before, a fresh state where the step created one) and the backed-off scale."""
+    import copy  # noqa: PLC0415
+
+    from moceir.cuda_graphs import DeviceLossScaler, UnusedExperts  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    by_hand = moceir.build_model("moce_ir_s", backend="reference", **SMALL).train()
+    model = copy.deepcopy(by_hand)
+    opt_hand = torch.optim.AdamW(by_hand.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    huge = 2.0**127  # gradients above 2 times this overflow float32 (GradScaler backs off)
+    scaler_hand = torch.amp.GradScaler("cpu", init_scale=huge, growth_interval=1)
+    ours = DeviceLossScaler("cpu", init_scale=huge, growth_interval=1)
+    x0 = torch.rand(3, 3, 16, 24)
+    step = GraphedTrainStep(model, opt, _loss, x0, x0, clip_grad=0.5, capture=False, loss_scaler=ours)
+    guard = UnusedExperts(by_hand.adapters(), opt_hand)
+    by_hand.set_expert_path("sync_free")
+    start = [p.detach().clone() for p in model.parameters()]
+    skipped = []
+    for seed in range(6):
+        x, y = torch.rand(3, 3, 16, 24), torch.rand(3, 3, 16, 24)
+        torch.manual_seed(seed)
+        step(x, y)
+        skipped.append(bool(ours.found_inf > 0))
+        torch.manual_seed(seed)
+        opt_hand.zero_grad(set_to_none=True)
+        scaler_hand.scale(_loss(by_hand, by_hand(x), y)).backward()
+        scaler_hand.unscale_(opt_hand)
+        torch.nn.utils.clip_grad_norm_([p for p in by_hand.parameters() if p.grad is not None], 0.5)
+        kept = guard.keep()
+        scaler_hand.step(opt_hand)
+        guard.undo(kept)
+        scaler_hand.update()
+        assert ours.state_dict() == scaler_hand.state_dict()
+        if seed == 0:
+            assert skipped[0], "the first step must overflow for this test to test the skip"
+            assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start, strict=True))
+            assert all(float(t.abs().sum()) == 0 for s in opt.state.values() for t in s.values())
+    assert not all(skipped), "the scale must have backed off to finite steps"
+    for p, q in zip(by_hand.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -139,6 +139,39 @@ def test_graphed_train_step_with_accumulation_matches_its_uncaptured_twin(backen
 
 
 @pytest.mark.parametrize("backend", _backends())
+def test_graphed_train_step_with_fp16_loss_scaling_matches_its_uncaptured_twin(backend):
+    """float16 autocast with a DeviceLossScaler, captured, against the same step without a
+    graph: the same losses and scale; a first scale that overflows is undone in both (weights
+    unchanged) and backed off."""
+    from moceir.cuda_graphs import DeviceLossScaler  # noqa: PLC0415
+
+    twin_model = _model(backend).train()
+    graphed_model = copy.deepcopy(twin_model)
+    before = [p.detach().clone() for p in graphed_model.parameters()]
+    scalers = [DeviceLossScaler("cuda", init_scale=2.0**127, growth_interval=1) for _ in range(2)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, capturable=True) for m in (graphed_model, twin_model)]
+    x0 = torch.rand(2, 3, 16, 24, device="cuda")
+    kwargs = dict(autocast_dtype=torch.float16, clip_grad=1.0)
+    graphed = GraphedTrainStep(graphed_model, opts[0], _loss, x0, x0, loss_scaler=scalers[0], **kwargs)
+    twin = GraphedTrainStep(
+        twin_model, opts[1], _loss, x0, x0, loss_scaler=scalers[1], capture=False, **kwargs
+    )
+    assert scalers[0].state_dict()["scale"] == 2.0**127  # the warm-up's changes were put back
+    for seed in range(4):
+        x, y = torch.rand(2, 3, 16, 24, device="cuda"), torch.rand(2, 3, 16, 24, device="cuda")
+        torch.manual_seed(seed)
+        got = graphed(x, y).clone()
+        torch.manual_seed(seed)
+        want = twin(x, y)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        assert scalers[0].state_dict() == scalers[1].state_dict()
+        if seed == 0:
+            assert scalers[0].found_inf.item() == 1.0
+            assert all(torch.equal(p, b) for p, b in zip(graphed_model.parameters(), before, strict=True))
+    assert all(torch.isfinite(p).all() for p in graphed_model.parameters())
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_graphed_train_step_bf16_autocast_and_lr(backend):
     """bf16 autocast inside the graph trains (finite loss); a tensor learning rate set to 0
     between replays leaves the weights unchanged (AdamW's decay is lr-scaled too)."""
