@@ -95,6 +95,37 @@ def _copy_into(static: torch.Tensor, value: torch.Tensor, name: str) -> None:
     static.copy_(value)
 
 
+def _weights_and_state(
+    params: list[nn.Parameter], optimizer: torch.optim.Optimizer
+) -> dict[tuple, torch.Tensor]:
+    """The weights and their optimizer state tensors, keyed (parameter index, state name)."""
+    found = {}
+    for i, p in enumerate(params):
+        found[(i, "")] = p.detach()
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                found[(i, k)] = v
+    return found
+
+
+def _copies(tensors: dict[tuple, torch.Tensor]) -> dict[tuple, torch.Tensor]:
+    """Copies of the tensors (foreach: a few launches; inside a graph replayed, not launched)."""
+    return dict(zip(tensors, torch._foreach_mul(list(tensors.values()), 1.0), strict=True))
+
+
+def _blend(after: dict[tuple, torch.Tensor], before: dict[tuple, torch.Tensor], keep: torch.Tensor) -> None:
+    """In place: t = t * keep + before * (1 - keep), exact for keep in {0, 1} (finite tensors).
+    A tensor with no copy in ``before`` (state the step created) becomes t * keep: zeros, a fresh
+    state, when the step is undone."""
+    with torch.no_grad():
+        torch._foreach_mul_(list(after.values()), keep)
+        keys = [k for k in after if k in before]
+        if keys:
+            torch._foreach_add_(
+                [after[k] for k in keys], torch._foreach_mul([before[k] for k in keys], 1.0 - keep)
+            )
+
+
 class UnusedExperts:
     """Undoes an optimizer step for the experts that no image chose, without a host read.
 
@@ -113,24 +144,9 @@ class UnusedExperts:
             (i, e, list(ex.parameters())) for i, a in enumerate(adapters) for e, ex in enumerate(a.experts)
         ]
 
-    def _tensors(self, params: list[nn.Parameter]) -> dict[tuple, torch.Tensor]:
-        """An expert's weights and their optimizer state tensors, keyed (parameter, state name)."""
-        found = {}
-        for i, p in enumerate(params):
-            found[(i, "")] = p.detach()
-            for k, v in self.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    found[(i, k)] = v
-        return found
-
     def keep(self) -> list[dict[tuple, torch.Tensor]]:
-        """Copies, before the optimizer step, of what it will change for each expert (foreach:
-        a few launches per expert; inside the graph they are replayed, not launched)."""
-        kept = []
-        for _, _, params in self.experts:
-            now = self._tensors(params)
-            kept.append(dict(zip(now, torch._foreach_mul(list(now.values()), 1.0), strict=True)))
-        return kept
+        """Copies, before the optimizer step, of what it will change for each expert."""
+        return [_copies(_weights_and_state(params, self.optimizer)) for _, _, params in self.experts]
 
     def undo(self, kept: list[dict[tuple, torch.Tensor]], counts: torch.Tensor | None = None) -> None:
         """t = t * used + kept * (1 - used) per expert, with ``used`` from the routing counts on
@@ -141,15 +157,9 @@ class UnusedExperts:
         micro-batches); None takes each adapter's last forward's."""
         if counts is None:
             counts = torch.stack([a.last_plan.counts for a in self.adapters])
-        with torch.no_grad():
-            for (i, e, params), before in zip(self.experts, kept, strict=True):
-                used = (counts[i, e] > 0).to(torch.float32)
-                after = self._tensors(params)
-                torch._foreach_mul_(list(after.values()), used)
-                keys = [k for k in after if k in before]
-                if keys:
-                    restored = torch._foreach_mul([before[k] for k in keys], 1.0 - used)
-                    torch._foreach_add_([after[k] for k in keys], restored)
+        for (i, e, params), before in zip(self.experts, kept, strict=True):
+            used = (counts[i, e] > 0).to(torch.float32)
+            _blend(_weights_and_state(params, self.optimizer), before, used)
 
 
 class DeviceLossScaler:
@@ -421,7 +431,7 @@ class GraphedTrainStep:
             # gradients of unused experts add nothing to the norm, as None ones would not.
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         kept = self._unused.keep() if self._unused is not None else None
-        before = self._keep_all() if self.loss_scaler is not None else None
+        before = _copies(self._all_tensors()) if self.loss_scaler is not None else None
         self.optimizer.step()
         if self._unused is not None:
             self._unused.undo(kept, counts)
@@ -430,32 +440,16 @@ class GraphedTrainStep:
             self.loss_scaler.update()
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
-    def _all_tensors(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Every weight and optimizer state tensor, keyed (parameter index, state name)."""
-        found = {}
-        for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"]):
-            found[(i, "")] = p.detach()
-            for k, v in self.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    found[(i, k)] = v
-        return found
+    def _all_tensors(self) -> dict[tuple, torch.Tensor]:
+        """Every weight and optimizer state tensor."""
+        return _weights_and_state(
+            [p for g in self.optimizer.param_groups for p in g["params"]], self.optimizer
+        )
 
-    def _keep_all(self) -> dict[tuple[int, str], torch.Tensor]:
-        now = self._all_tensors()
-        return dict(zip(now, torch._foreach_mul(list(now.values()), 1.0), strict=True))
-
-    def _undo_if_inf(self, before: dict[tuple[int, str], torch.Tensor]) -> None:
-        """After a step with Inf/NaN gradients, everything as before it: t = t (1 - f) + kept f,
-        exact for f in {0, 1}; state the step created (Adam's first) is zeroed, a fresh state."""
-        with torch.no_grad():
-            inf = self.loss_scaler.found_inf
-            after = self._all_tensors()
-            torch._foreach_mul_(list(after.values()), 1.0 - inf)
-            keys = [k for k in after if k in before]
-            if keys:
-                torch._foreach_add_(
-                    [after[k] for k in keys], torch._foreach_mul([before[k] for k in keys], inf)
-                )
+    def _undo_if_inf(self, before: dict[tuple, torch.Tensor]) -> None:
+        """After a step with Inf/NaN gradients (run on zeroed ones, so finite), everything as
+        before it; state the step created (Adam's first) is zeroed, a fresh state."""
+        _blend(self._all_tensors(), before, 1.0 - self.loss_scaler.found_inf)
 
     def _save_state(self) -> dict:
         """Copies of the weights, buffers and optimizer state the warm-up steps will change."""
