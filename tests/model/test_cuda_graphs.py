@@ -175,6 +175,17 @@ def test_accumulation_is_checked(accumulation, batch, match):
         GraphedTrainStep(model, opt, _loss, x, x, capture=False, accumulation=accumulation)
 
 
+def test_loss_scaler_must_be_the_device_one():
+    model = moceir.build_model("moce_ir_s", backend="reference", **SMALL)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.rand(2, 3, 16, 24)
+    with pytest.raises(ValueError, match="loss_scaler must be a moceir.cuda_graphs.DeviceLossScaler"):
+        GraphedTrainStep(model, opt, _loss, x, x, capture=False, loss_scaler=torch.amp.GradScaler("cpu"))
+    for bad in (dict(init_scale=0.0), dict(backoff_factor=1.0), dict(growth_interval=0)):
+        with pytest.raises(ValueError, match="DeviceLossScaler needs"):
+            moceir.DeviceLossScaler("cpu", **bad)
+
+
 def test_device_loss_scaler_is_grad_scalers_arithmetic():
     """Unscaling and the scale's updates agree with torch.amp.GradScaler bit for bit over finite
     and non-finite steps (growth after growth_interval finite ones, back-off after Inf/NaN), and
