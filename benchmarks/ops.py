@@ -307,6 +307,19 @@ def bench_grouped_layernorm2d(sizes: Sizes, device, dtype) -> list[Bench]:
     ]
 
 
+def _packed_weight(in_channels, out_channels, device, dtype, *, bias: bool):
+    """[E, Cout_max, Cin_max] weight (zeros outside each expert's block) and bias, with grads."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(len(in_channels), max(out_channels), max(in_channels))
+    packed_bias = torch.zeros(len(in_channels), max(out_channels))
+    for e, (i, o) in enumerate(zip(in_channels, out_channels, strict=True)):
+        weight[e, :o, :i] = torch.randn(o, i, generator=gen) / math.sqrt(i)
+        packed_bias[e, :o] = torch.randn(o, generator=gen)
+    w = weight.to(device=device, dtype=dtype).requires_grad_(True)
+    b = packed_bias.to(device=device, dtype=dtype).requires_grad_(True) if bias else None
+    return w, b
+
+
 def _pointwise_bench(
     name: str,
     batch_rows: list[int],
@@ -321,14 +334,7 @@ def _pointwise_bench(
     """One ``grouped_pointwise`` call: expert e maps its rows' first in_channels[e] channels to
     out_channels[e] (packed weight [E, Cout_max, Cin_max], zeros outside each expert's block)."""
     c_in, c_out, rows = max(in_channels), max(out_channels), sum(batch_rows)
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.zeros(len(in_channels), c_out, c_in)
-    packed_bias = torch.zeros(len(in_channels), c_out)
-    for e, (i, o) in enumerate(zip(in_channels, out_channels, strict=True)):
-        weight[e, :o, :i] = torch.randn(o, i, generator=gen) / math.sqrt(i)
-        packed_bias[e, :o] = torch.randn(o, generator=gen)
-    w = weight.to(device=device, dtype=dtype).requires_grad_(True)
-    b = packed_bias.to(device=device, dtype=dtype).requires_grad_(True) if bias else None
+    w, b = _packed_weight(in_channels, out_channels, device, dtype, bias=bias)
     offsets = torch.tensor([0, *torch.tensor(batch_rows).cumsum(0).tolist()], device=device)
     x = _rand((rows, c_in, side, side), device, dtype)
     plane, el = side * side, x.element_size()
@@ -375,19 +381,6 @@ def bench_grouped_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:
         for case, (c_in, c_out, bias) in cases.items():
             out.append(_pointwise_bench(f"{level}.{case}", rows, c_in, c_out, side, device, dtype, bias=bias))
     return out
-
-
-def _packed_weight(in_channels, out_channels, device, dtype, *, bias: bool):
-    """[E, Cout_max, Cin_max] weight (zeros outside each expert's block) and bias, with grads."""
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.zeros(len(in_channels), max(out_channels), max(in_channels))
-    packed_bias = torch.zeros(len(in_channels), max(out_channels))
-    for e, (i, o) in enumerate(zip(in_channels, out_channels, strict=True)):
-        weight[e, :o, :i] = torch.randn(o, i, generator=gen) / math.sqrt(i)
-        packed_bias[e, :o] = torch.randn(o, generator=gen)
-    w = weight.to(device=device, dtype=dtype).requires_grad_(True)
-    b = packed_bias.to(device=device, dtype=dtype).requires_grad_(True) if bias else None
-    return w, b
 
 
 def bench_dispatch_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch sees no CUDA GPU", file=sys.stderr)
         return 2
-    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"  # ops, ceilings
+    model_size = "issue" if args.issue_shapes else size
     suites = SUITES if args.suite == "all" else (args.suite,)
     deadline = Deadline(args.deadline) if args.deadline else Deadline.after(args.budget)
     # The device check stops us with SIGINT (or SIGTERM): both end the run as "incomplete". Set
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['build']}")
-    shown = "issue (models), full (ops)" if args.issue_shapes else size
+    shown = f"{model_size} (models), {size} (ops)" if model_size != size else size
     print(f"commit {env['commit'][:12]} | {env['threads']} threads | sizes: {shown}", flush=True)
     ceil = ceilings(device, size)
     rates = ", ".join(f"{k} {v:.2f}" for k, v in ceil["matmul_tflops"].items())
@@ -138,14 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: load average {load[0]:.1f} on {env['cpu_count']} cores; --threads 1 is steadier")
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    size_name = "issue" if args.issue_shapes else size
-    name = "-".join(x for x in (device.type, stamp, "+".join(suites), size_name, args.name) if x)
+    name = "-".join(x for x in (device.type, stamp, "+".join(suites), model_size, args.name) if x)
     results = ResultFile(
         args.output / f"{name}.json",
         {
             "schema": SCHEMA,
             "environment": env,
-            "size": size_name,
+            "size": model_size,
             "suites": list(suites),
             "ceilings": ceil,
             "unavailable": {},
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print("moce_ir_s:", flush=True)
             why = run_models(
                 device,
-                "issue" if args.issue_shapes else size,
+                model_size,
                 ceil,
                 emit,
                 deadline,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moce_kernels._checks import check_shape
+from moce_kernels._grouping import check_offsets_on_host
 from moce_kernels.route.reference import RoutingPlan
 
 
@@ -41,3 +43,19 @@ def check_plan_indices(plan: RoutingPlan, fields: list[tuple[str, int]]) -> None
                 f"plan.{name}[{i}] = {int(t[i])} is out of range [0, {bound}): a corrupted plan? "
                 "(make plans with moce_kernels.route)"
             )
+
+
+def check_expert_plan(plan: RoutingPlan, weight: torch.Tensor, fields: list[tuple[str, int]]) -> None:
+    """The fused expert ops' plan: over weight's E experts, ``fields`` (name, bound) of length
+    B * k, offsets [E + 1]. Index values are read on the host only for CPU tensors and not while
+    torch.compile traces: these ops run inside the sync-free expert path, where on a GPU a plan
+    from route is trusted (as the fast backends of dispatch / combine do)."""
+    if plan.num_experts != weight.shape[0]:
+        raise ValueError(
+            f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}"
+        )
+    check_plan_lengths(plan, [name for name, _ in fields])
+    check_shape("plan.offsets", plan.offsets, (plan.num_experts + 1,))
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_plan_indices(plan, fields)
+        check_offsets_on_host(plan.offsets, plan.batch_size * plan.k)

@@ -22,9 +22,12 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def acc_dtype(x: torch.Tensor) -> tuple[torch.dtype, tl.dtype]:
-    """The accumulation dtype of ``x``'s kernels: float64 for float64, else float32."""
-    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+def acc_dtype(*tensors: torch.Tensor | None) -> tuple[torch.dtype, tl.dtype]:
+    """The accumulation dtype of kernels over ``tensors`` (None skipped): float64 when any is
+    float64 (gradcheck), else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
 
 
 def interpreted() -> bool:

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from moce_kernels._backend import implementation, resolve_backend
-from moce_kernels._checks import check_shape
-from moce_kernels._grouping import check_offsets_on_host
-from moce_kernels._plan_checks import check_plan, check_plan_indices, check_plan_lengths
+from moce_kernels._plan_checks import check_expert_plan, check_plan
 from moce_kernels.dispatch_pointwise.reference import dispatch_pointwise_reference
 from moce_kernels.grouped_pointwise import check_pointwise_args
 from moce_kernels.route.reference import RoutingPlan
@@ -58,20 +56,9 @@ def dispatch_pointwise(
     plan = check_plan(plan, x.device)
     if x.shape[0] != plan.batch_size:
         raise ValueError(f"x must have batch size {plan.batch_size} (the plan's), got shape {tuple(x.shape)}")
-    if plan.num_experts != weight.shape[0]:
-        raise ValueError(
-            f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}"
-        )
     slots = plan.batch_size * plan.k
-    fields = [("sorted_images", plan.batch_size), ("inverse", slots)]
-    check_plan_lengths(plan, [name for name, _ in fields])
-    check_shape("plan.offsets", plan.offsets, (plan.num_experts + 1,))
+    check_expert_plan(plan, weight, [("sorted_images", plan.batch_size), ("inverse", slots)])
     chosen = resolve_backend("dispatch_pointwise", backend, x.device)
-    # Index values are read on the host: free for CPU tensors; on a GPU (any backend: this op
-    # runs inside the sync-free expert path) a plan from route is trusted.
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_plan_indices(plan, fields)
-        check_offsets_on_host(plan.offsets, slots)
     if chosen == "reference":
         return dispatch_pointwise_reference(x, weight, bias, plan, in_channels, out_channels)
     return implementation("dispatch_pointwise", chosen)(

@@ -100,6 +100,28 @@ def mma(acc, a, b, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def expert_tile_product(
+    acc, w_rows, w_k_stride, m_ok, a_row, ps, p_ok, P, k_e,
+    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_P] + W[ms, :k_e] @ a[:k_e, ps]: ``w_rows`` points at the weight rows
+    (consecutive K entries ``w_k_stride`` apart), ``a_row`` at a [K, P] input row; BLOCK_K
+    channels per step. Masked past the expert's K width: whatever lies there (NaN included) is
+    never read. Shared by the row kernel and pointwise_combine's."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, k_e, BLOCK_K):
+        k_ok = (k0 + ks) < k_e
+        w = tl.load(
+            w_rows[:, None] + ((k0 + ks) * w_k_stride)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        a = tl.load(
+            a_row + ((k0 + ks) * P)[:, None] + ps[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0
+        )
+        acc = mma(acc, w.to(a.dtype), a, USE_DOT, DOT_UPCAST)
+    return acc
+
+
+@triton.jit
 def grouped_pointwise_rows_kernel(
     a_ptr,  # [N, K_MAX, P]: x (forward) or grad y (grad x); [B, K_MAX, P] images with GATHER
     src_ptr,  # [N] int64: the image each row reads (GATHER only)
@@ -156,7 +178,6 @@ def grouped_pointwise_rows_kernel(
     # A tile wholly past the expert's width keeps acc = 0: the exact zeros of the contract.
     if m_block * BLOCK_M < m_e:
         m_ok = ms < m_e
-        ks = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + e * C_OUT * C_IN + ms * w_m_stride  # [BLOCK_M]
         # GATHER: the dispatch fused into the load; row n reads image src[n] (no dispatch copy).
         if GATHER:
@@ -164,18 +185,9 @@ def grouped_pointwise_rows_kernel(
         else:
             src = row
         a_row = a_ptr + src * K_MAX * P
-        for k0 in range(0, k_e, BLOCK_K):
-            # Masked past the expert's K width: whatever lies there (NaN included) is never read.
-            k_ok = (k0 + ks) < k_e
-            w = tl.load(
-                w_rows[:, None] + ((k0 + ks) * w_k_stride)[None, :],
-                mask=m_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_row + ((k0 + ks) * P)[:, None] + ps[None, :], mask=k_ok[:, None] & p_ok[None, :], other=0.0
-            )
-            acc = mma(acc, w.to(a.dtype), a, USE_DOT, DOT_UPCAST)
+        acc = expert_tile_product(
+            acc, w_rows, w_k_stride, m_ok, a_row, ps, p_ok, P, k_e, BLOCK_K, USE_DOT, DOT_UPCAST
+        )
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * C_OUT + ms, mask=m_ok, other=0.0).to(ACC)[:, None]
     out = y_ptr + row * M_MAX * P + (ms * P)[:, None] + ps[None, :]

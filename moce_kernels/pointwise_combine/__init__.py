@@ -8,8 +8,7 @@ import torch
 
 from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
-from moce_kernels._grouping import check_offsets_on_host
-from moce_kernels._plan_checks import check_plan, check_plan_indices, check_plan_lengths
+from moce_kernels._plan_checks import check_expert_plan, check_plan
 from moce_kernels.grouped_pointwise import check_pointwise_args
 from moce_kernels.pointwise_combine.reference import pointwise_combine_reference
 from moce_kernels.route.reference import RoutingPlan
@@ -65,10 +64,7 @@ def pointwise_combine(
     slots = plan.batch_size * plan.k
     if h.shape[0] != slots:
         raise ValueError(f"h must have B * k = {slots} rows (the plan's), got shape {tuple(h.shape)}")
-    if plan.num_experts != weight.shape[0]:
-        raise ValueError(
-            f"weight must hold E = {plan.num_experts} experts (the plan's), got {weight.shape[0]}"
-        )
+    check_expert_plan(plan, weight, [("inverse", slots), ("sorted_slots", slots)])
     if residual is not None:
         check_tensor("residual", residual, ndim=4, dtypes=FLOAT_DTYPES, device=h.device)
         check_shape("residual", residual, (plan.batch_size, weight.shape[1], *h.shape[2:]))
@@ -77,15 +73,7 @@ def pointwise_combine(
         check_shape("gates", gates, (plan.batch_size, plan.k))
     else:
         check_shape("plan.gates", plan.gates, (plan.batch_size, plan.k))
-    fields = [("inverse", slots), ("sorted_slots", slots)]
-    check_plan_lengths(plan, [name for name, _ in fields])
-    check_shape("plan.offsets", plan.offsets, (plan.num_experts + 1,))
     chosen = resolve_backend("pointwise_combine", backend, h.device)
-    # Index values are read on the host: free for CPU tensors; on a GPU (any backend: this op
-    # runs inside the sync-free expert path) a plan from route is trusted.
-    if h.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_plan_indices(plan, fields)
-        check_offsets_on_host(plan.offsets, slots)
     if chosen == "reference":
         return pointwise_combine_reference(h, weight, bias, plan, in_channels, out_channels, residual, gates)
     return implementation("pointwise_combine", chosen)(

@@ -2,10 +2,11 @@
 
 A program owns a tile of BLOCK_M output channels and BLOCK_P pixels of one *image*. For each of
 the image's k slots it finds the slot's row (``inverse``) and that row's expert on the device,
-runs the expert's [Cout_e, Cin_e] x [Cin_e, BLOCK_P] product (``grouped_pointwise``'s loop:
-tl.dot over BLOCK_K input channels, masked past the expert's widths; skipped for a tile past
-``out_channels[e]``), adds the bias, rounds to h's dtype (as the unfused op returns the row) and
-adds it, gate-weighted, to a float32 accumulator; then the residual times the sum of the gates.
+runs the expert's [Cout_e, Cin_e] x [Cin_e, BLOCK_P] product (``grouped_pointwise``'s
+``expert_tile_product``: tl.dot over BLOCK_K input channels, masked past the expert's widths;
+skipped for a tile past ``out_channels[e]``), adds the bias, rounds to h's dtype (as the
+unfused op returns the row) and adds it, gate-weighted, to a float32 accumulator; then the
+residual times the sum of the gates.
 The result is stored once, in image order: the scatter is fused into the store, so neither the
 rows nor the combined copy are written, and no atomics are needed (each output element has one
 writer; the k terms are added in slot order: deterministic).
@@ -27,7 +28,7 @@ import triton.language as tl
 from moce_kernels import _library, _triton_common
 from moce_kernels.combine.triton import combine_bwd
 from moce_kernels.grouped_pointwise import triton as pointwise
-from moce_kernels.grouped_pointwise.triton import mma
+from moce_kernels.grouped_pointwise.triton import expert_tile_product
 from moce_kernels.pointwise_combine import _autograd
 from moce_kernels.route.reference import RoutingPlan
 
@@ -71,7 +72,6 @@ def pointwise_combine_kernel(
     ms = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     ps = p_block * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = ps < P
-    ks = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC)
     for j in range(0, K):
         slot = image * K + j
@@ -83,18 +83,10 @@ def pointwise_combine_kernel(
             m_ok = ms < out_e
             w_rows = w_ptr + e * C_OUT * C_IN + ms * C_IN  # [BLOCK_M]
             h_row = h_ptr + row * C_IN * P
-            acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC)
-            for k0 in range(0, in_e, BLOCK_K):
-                k_ok = (k0 + ks) < in_e
-                w = tl.load(
-                    w_rows[:, None] + (k0 + ks)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                a = tl.load(
-                    h_row + ((k0 + ks) * P)[:, None] + ps[None, :],
-                    mask=k_ok[:, None] & p_ok[None, :],
-                    other=0.0,
-                )
-                acc = mma(acc, w.to(a.dtype), a, USE_DOT, DOT_UPCAST)
+            acc = expert_tile_product(
+                tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC), w_rows, 1, m_ok, h_row, ps, p_ok, P, in_e,
+                BLOCK_K, USE_DOT, DOT_UPCAST,
+            )  # fmt: skip
             if HAS_BIAS:
                 acc += tl.load(b_ptr + e * C_OUT + ms, mask=m_ok, other=0.0).to(ACC)[:, None]
             # Rounded to h's dtype first: the row as grouped_pointwise would have returned it.
@@ -121,13 +113,6 @@ def _blocks(c_out: int, c_in: int, pixels: int, dtype: torch.dtype) -> dict[str,
         b["block_p"] = _FP32_BLOCK_P
         b["p_blocks"] = triton.cdiv(pixels, _FP32_BLOCK_P)
     return b
-
-
-def _acc(*tensors: torch.Tensor | None) -> tuple[torch.dtype, tl.dtype]:
-    """float64 accumulation when any input is float64 (gradcheck), else float32."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
 
 
 def _out_dtype(h: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
@@ -167,7 +152,7 @@ def pointwise_combine_fwd(
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **pointwise._dot_flags(h.dtype),
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_J=triton.next_power_of_2(k),
             BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
-            ACC=_acc(h, gates, residual)[1], num_warps=pointwise._num_warps(h.dtype),
+            ACC=_triton_common.acc_dtype(h, gates, residual)[1], num_warps=pointwise._num_warps(h.dtype),
         )  # fmt: skip
     return out
 
@@ -213,7 +198,7 @@ def pointwise_combine_bwd(
     grad_h, grad_weight, grad_bias = pointwise.grouped_pointwise_bwd(
         grad_rows.view(rows_shape), h, weight, offsets, in_channels, out_channels
     )
-    acc, _ = _acc(h, gates, residual, grad_out)
+    acc, _ = _triton_common.acc_dtype(h, gates, residual, grad_out)
     grad_residual = grad_out.new_empty((0,))
     if residual is not None:
         if need_residual:
