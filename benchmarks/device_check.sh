@@ -22,6 +22,8 @@
 #                 reference,auto,graphed-auto,compiled-reference
 #   --skip LIST   comma-separated stages to leave out: build, tests-gpu, profile, bench-ops,
 #                 bench-models, sanitizer, tests-other, report
+#   --cap STAGE=S the most seconds STAGE may take (repeatable), over its default cap, e.g.
+#                 --cap bench-models=260 when the other stages are skipped
 #
 # Stages, in order: preflight (versions, GPU, tools), build (setup.py build_ext --inplace,
 # TORCH_CUDA_ARCH_LIST = the local GPU's capability, MAX_JOBS = cores), tests-gpu (the op tests,
@@ -69,6 +71,7 @@ PROVIDERS_ARG=()
 BUDGET=450
 DRY_RUN=0
 SKIP=""
+CAPS=()
 while (($#)); do
     case "$1" in
         -h | --help)
@@ -88,6 +91,11 @@ while (($#)); do
             shift
             ;;
         --skip=*) SKIP=${1#*=} ;;
+        --cap)
+            (($# >= 2)) || die "--cap needs STAGE=SECONDS"
+            CAPS+=("$2")
+            shift
+            ;;
         --tests | --test-filter | --ops | --workloads | --model-providers)
             (($# >= 2)) || die "$1 needs a value"
             case $1 in
@@ -115,6 +123,11 @@ BUDGET=$((10#$BUDGET))
 IFS=',' read -r -a SKIPPED <<<"$SKIP"
 for s in "${SKIPPED[@]}"; do
     [[ " ${STAGES[*]:1} " == *" $s "* ]] || die "--skip: unknown stage '$s' (stages: ${STAGES[*]:1})"
+done
+
+for c in "${CAPS[@]}"; do
+    [[ " ${STAGES[*]} " == *" ${c%%=*} "* ]] || die "--cap: unknown stage '${c%%=*}' (stages: ${STAGES[*]})"
+    [[ $c == *=* && ${c#*=} =~ ^[0-9]+$ ]] || die "--cap must be STAGE=SECONDS, got '$c'"
 done
 
 START=$(date +%s)
@@ -153,6 +166,9 @@ else
 fi
 declare -A CAP=([preflight]=40 [build]=200 [tests-gpu]=100 [profile]=70 [bench-ops]=80 [bench-models]=180 [sanitizer]=75
     [tests-other]=600 [report]=30)
+for c in "${CAPS[@]}"; do
+    CAP[${c%%=*}]=$((10#${c#*=}))
+done
 FAILED=0
 
 say() {

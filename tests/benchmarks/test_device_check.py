@@ -71,6 +71,10 @@ def stages(outdir: Path) -> dict[str, list[str]]:
         pytest.param(
             ["{out}", "--skip", "preflight"], "unknown stage 'preflight'", id="preflight-not-skippable"
         ),
+        pytest.param(["{out}", "--cap", "bogus=3"], "--cap: unknown stage 'bogus'", id="cap-unknown-stage"),
+        pytest.param(["{out}", "--cap", "build=x"], "--cap must be STAGE=SECONDS", id="cap-not-a-number"),
+        pytest.param(["{out}", "--cap", "build"], "--cap must be STAGE=SECONDS", id="cap-without-seconds"),
+        pytest.param(["{out}", "--cap"], "--cap needs", id="cap-missing-value"),
     ],
 )
 def test_bad_arguments_exit_2_with_usage(tmp_path: Path, args: list[str], message: str):
