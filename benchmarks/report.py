@@ -286,6 +286,14 @@ def _mib(n) -> str:
     return "–" if n is None else f"{n / 2**20:.0f}"
 
 
+def _peak_mib(provider: str, row: dict) -> str:
+    # A graph replay allocates nothing: a graphed row's peak means something only when it counts
+    # the graph's pool ("peak_kind": "reserved", written since the benchmarks measure it so).
+    if provider.startswith("graphed") and row.get("peak_bytes") is not None and "peak_kind" not in row:
+        return "n/c"
+    return _mib(row.get("peak_bytes"))
+
+
 def models_section(run: Run, plot: str | None) -> list[str]:
     env = run.env
     model_names = sorted({r.get("model", "moce_ir_s") for r in run.suite_rows("models")})
@@ -294,7 +302,10 @@ def models_section(run: Run, plot: str | None) -> list[str]:
         f"sizes: {run.data.get('size', '?')})",
         "",
         "Speed-ups are against the eager reference backend and against `torch.compile` of the "
-        "reference, measured in the same run. Peak memory: `max_memory_allocated` over one call (GPU).",
+        "reference, measured in the same run. Peak memory: `max_memory_allocated` over one call (GPU); "
+        "for a CUDA graph, the memory reserved while it is held (its private pool included). Older runs "
+        "counted only a graph replay's own allocations, which leave out the pool: those peaks read "
+        "`n/c` (not comparable).",
         "",
     ]
     if plot:
@@ -334,7 +345,7 @@ def models_section(run: Run, plot: str | None) -> list[str]:
                     f"{r.get('frames_per_s' if video else 'images_per_s', 0):.2f}",
                     "–" if s_ref is None else f"{s_ref:.2f}x",
                     "–" if s_comp is None else f"{s_comp:.2f}x",
-                    _mib(r.get("peak_bytes")),
+                    _peak_mib(provider, r),
                 ]
                 if video:
                     bb = r.get("bandwidth_bound_fps")

@@ -140,6 +140,20 @@ class MoCEIR(nn.Module):
             adapter.expert_path = path
         return self
 
+    def compile_dynamic(self) -> bool | None:
+        """The ``dynamic`` argument ``torch.compile`` needs for this model as it is set now.
+
+        False when an adapter runs the per-expert path while compiling (the reference backend,
+        or ``set_expert_path("per_expert")``): its tensors' shapes follow the routing, and once
+        Dynamo makes those sizes symbolic Inductor fails on them (torch 2.14 on the CPU: "cannot
+        determine truth value of Relational" ordering a stride that holds an expert's image
+        count; on an H100 with torch 2.11 the process aborted). Static shapes compile once per
+        combination of image counts; past Dynamo's recompile limit a frame runs eagerly. None,
+        torch's default, on the sync-free path, whose shapes do not depend on the routing.
+        """
+        per_expert = [a.expert_path == "per_expert" or a.backend == "reference" for a in self.adapters()]
+        return False if any(per_expert) else None
+
     def routing_choices(self) -> list[torch.Tensor]:
         """The experts chosen by the last forward: one [B, k] int64 tensor per adapter."""
         return [a.last_plan.experts for a in self.adapters() if a.last_plan is not None]

@@ -419,8 +419,9 @@ class Trainer:
             # With a fast backend the forward is one graph: the adapters take the sync-free expert
             # path while compiling, whose shapes do not depend on the routing, so a new routing
             # never recompiles. The module attributes a forward sets (routing plans, the aux
-            # loss) are side effects torch.compile replays after each call.
-            self.net = torch.compile(self.net)
+            # loss) are side effects torch.compile replays after each call. The reference
+            # backend's routing-dependent shapes compile static (model.compile_dynamic says why).
+            self.net = torch.compile(self.net, dynamic=model.compile_dynamic())
         self.step_count = 0
         self._loader_iter = None
         self._writer = None

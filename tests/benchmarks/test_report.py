@@ -197,3 +197,18 @@ def test_a_partial_rerun_adds_to_the_earlier_run(tmp_path: Path):
     assert {r["op"] for r in shown[1].suite_rows("ops")} == set(ops) - {rerun}
     text = report.render(runs, None, tmp_path)
     assert "`new.json`" in text and "`old.json`" in text
+
+
+@pytest.mark.parametrize(
+    ("provider", "row", "shown"),
+    [
+        pytest.param("auto", {"peak_bytes": 3 * 2**20}, "3", id="eager-peak"),
+        pytest.param(
+            "graphed-auto", {"peak_bytes": 5 * 2**20, "peak_kind": "reserved"}, "5", id="graph-pool"
+        ),
+        pytest.param("graphed-auto", {"peak_bytes": 5 * 2**20}, "n/c", id="graph-replay-only"),
+        pytest.param("graphed-auto", {"peak_bytes": None}, "–", id="graph-cpu"),
+    ],
+)
+def test_a_graph_peak_that_left_out_its_pool_is_not_compared(provider: str, row: dict, shown: str):
+    assert report._peak_mib(provider, row) == shown
