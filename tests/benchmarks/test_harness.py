@@ -187,19 +187,20 @@ def test_breakdown_splits_self_time_by_module_type():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_model_jobs_run_the_main_eager_workloads_first():
+def test_model_jobs_run_the_training_step_and_its_compiled_reference_first():
     wls = models.workloads(torch.device("cuda"), "full")
     assert wls[0].kind == "video" and (wls[0].height, wls[0].width) == (1080, 1920)
     assert any(w.kind == "training" and w.batch == 8 and w.precision == "bf16-autocast" for w in wls)
     assert any(w.kind == "inference" and (w.batch, w.height) == (16, 256) for w in wls)
     jobs = models.plan_jobs(wls, ["reference", "triton"], compile_reference=True, size="full")
     main = wls[: models.MAIN_WORKLOADS]
-    first = jobs[: 2 * len(main)]
-    assert all(wl in main and not p.startswith("compiled-") for wl, p in first)
-    # Then the training step compiled: the reference, then the fastest backend.
-    compiled = jobs[2 * len(main) : 2 * len(main) + 2]
-    assert [p for _, p in compiled] == ["compiled-reference", "compiled-auto"]
-    assert all(wl.kind == "training" for wl, _ in compiled)
+    # The training step first, eager, then compiled: the reference, then the fastest backend.
+    training = next(wl for wl in wls if wl.kind == "training" and wl.compile)
+    assert jobs[:4] == [(training, "reference"), (training, "triton"),
+                        (training, "compiled-reference"), (training, "compiled-auto")]  # fmt: skip
+    # Then the eager providers on the other main workloads.
+    others = jobs[4 : 4 + 2 * (len(main) - 1)]
+    assert all(wl in main and wl is not training and not p.startswith("compiled-") for wl, p in others)
     assert len(jobs) == 2 * len(wls) + 2 * sum(w.compile for w in wls)
     no_compile = models.plan_jobs(wls, ["reference"], compile_reference=False, size="full")
     assert all(p == "reference" for _, p in no_compile)
