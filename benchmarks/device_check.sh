@@ -17,7 +17,7 @@
 #                 the GPU model tests, then the Triton and compiled op tests)
 #   --test-filter EXPR  pytest -k expression of the tests-gpu stage (default: "not cpu"; "" for all)
 #   --ops LIST    ops of the op benchmarks (default: all), e.g. layernorm2d,grouped_dwconv
-#   --workloads L model workloads (default: inference,training,video)
+#   --workloads L model workloads (default: inference,training,video,adapter)
 #   --model-providers L  model providers to time (default: all), e.g.
 #                 reference,auto,graphed-auto,compiled-reference
 #   --skip LIST   comma-separated stages to leave out: build, tests-gpu, profile, bench-ops,

@@ -1,4 +1,5 @@
-"""Model benchmarks: MoCE-IR-S inference, training step and one video frame, per backend.
+"""Model benchmarks: MoCE-IR-S inference, training step, one video frame and one
+mixture-of-experts adapter alone, per backend.
 
 Workloads (GPU sizes; ``--quick``, ``--tiny`` and the CPU scale them down and say so):
 - ``inference``: batch 1 at 512 x 512 and batch 16 at 256 x 256, fp32 and bf16 (model cast);
@@ -9,7 +10,11 @@ Workloads (GPU sizes; ``--quick``, ``--tiny`` and the CPU scale them down and sa
   ``torch.ops`` call once, views excluded), its flops (``FlopCounterMode``: convolutions and
   matmuls), the frame rate the copy bandwidth of the same run allows, and where the time goes
   (``breakdown``: self time per module type and per kernel-op call, from timestamps taken
-  around each call: CUDA events on a GPU).
+  around each call: CUDA events on a GPU);
+- ``adapter``: one adapter layer (``MoCELayer``: routing, experts, gating) alone, forward and
+  backward in train mode (the gradients of its weights and of both inputs; no optimizer step),
+  at the inputs a batch of 8 crops of 128 x 128 gives the first adapter of decoder level 1
+  (128 channels at 32 x 32) and of level 3 (32 channels at 128 x 128), bf16 autocast.
 
 Providers: every model backend that runs here (``model.set_backend``: reference, auto, cuda /
 cpu, triton) in eager mode, ``compiled-reference``: ``torch.compile`` of the reference, and
@@ -54,7 +59,7 @@ TINY_OVERRIDES = {
 
 @dataclass(frozen=True)
 class Workload:
-    kind: str  # "inference", "training" or "video"
+    kind: str  # "inference", "training", "video" or "adapter"
     batch: int
     height: int
     width: int
@@ -62,11 +67,15 @@ class Workload:
     precision: str
     compile: bool = False  # also time torch.compile of the reference
     scaled_from: tuple[int, int] | None = None
+    #: "adapter": the decoder level (1 = deepest) whose first adapter is timed.
+    level: int | None = None
 
     @property
     def case(self) -> str:
         if self.kind == "video":
             return f"{self.height}x{self.width}"
+        if self.kind == "adapter":
+            return f"b{self.batch}.{self.height}x{self.width}.level{self.level}"
         return f"b{self.batch}.{self.height}x{self.width}"
 
     @property
@@ -77,6 +86,11 @@ class Workload:
 def _video(precision: str, scale: int = 1, compile_: bool = False) -> Workload:
     h, w = -(-VIDEO[0] // scale), -(-VIDEO[1] // scale)
     return Workload("video", 1, h, w, precision, compile_, None if scale == 1 else VIDEO)
+
+
+def _adapters(batch: int, size: int, precision: str, compile_: bool = False) -> list[Workload]:
+    """The adapter alone at the inputs ``batch`` crops of ``size`` x ``size`` give it."""
+    return [Workload("adapter", batch, size, size, precision, compile_, level=level) for level in (1, 3)]
 
 
 def workloads(device: torch.device, size: str) -> list[Workload]:
@@ -92,6 +106,7 @@ def workloads(device: torch.device, size: str) -> list[Workload]:
             Workload("inference", 1, 32, 32, "float32"),
             Workload("training", 1, 32, 32, "float32"),
             _video("float32", scale=32),
+            Workload("adapter", 1, 32, 32, "float32", level=1),
         ]
     if device.type == "cuda":
         main = [
@@ -108,6 +123,7 @@ def workloads(device: torch.device, size: str) -> list[Workload]:
             _video("float32"),
             Workload("inference", 1, 512, 512, "float32"),
             Workload("inference", 16, 256, 256, "float32"),
+            *_adapters(8, 128, "bf16-autocast", compile_=True),
         ]
     # A 2-core CPU: the same workloads scaled down (a CPU training step at batch 8, 128 x 128 takes
     # minutes), fp32 only.
@@ -122,6 +138,7 @@ def workloads(device: torch.device, size: str) -> list[Workload]:
         Workload("inference", 4, 128, 128, "float32"),
         Workload("training", 2, 64, 64, "float32"),
         _video("float32", scale=4),
+        *_adapters(2, 64, "float32"),
     ]
 
 
@@ -457,14 +474,15 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device, graphed: bool = 
     return peak
 
 
-def _compile(model: moceir.MoCEIR) -> Callable:
-    """``torch.compile(model)`` from a clean slate: each workload compiles for its own shapes.
-    The reference's per-expert image counts (read on the host, changed by the training noise from
-    step to step) compile static: Inductor fails on them made symbolic (``compile_dynamic``)."""
+def _compile(module: nn.Module, dynamic: bool | None) -> Callable:
+    """``torch.compile(module)`` from a clean slate: each workload compiles for its own shapes.
+    ``dynamic``: the model's ``compile_dynamic()``: the reference's per-expert image counts
+    (read on the host, changed by the training noise from step to step) compile static, as
+    Inductor fails on them made symbolic."""
     import torch._dynamo  # noqa: PLC0415
 
     torch._dynamo.reset()
-    return torch.compile(model, dynamic=model.compile_dynamic())
+    return torch.compile(module, dynamic=dynamic)
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -505,7 +523,7 @@ class ModelBench:
         if provider == GRAPHED_PROVIDER:
             graphed = GraphedInference(model, x)
             return model, graphed.replay
-        runner = _compile(model) if provider.startswith("compiled-") else model
+        runner = _compile(model, model.compile_dynamic()) if provider.startswith("compiled-") else model
 
         def fn():
             with torch.inference_mode():
@@ -517,7 +535,7 @@ class ModelBench:
         model = copy.deepcopy(self.base).train()
         model.set_backend(_backend_of(provider))
         model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
-        runner = _compile(model) if provider.startswith("compiled-") else model
+        runner = _compile(model, model.compile_dynamic()) if provider.startswith("compiled-") else model
         x = torch.rand(wl.shape, device=self.device)
         y = torch.rand(wl.shape, device=self.device)
         autocast = wl.precision == "bf16-autocast"
@@ -542,9 +560,53 @@ class ModelBench:
 
         return model, step
 
+    def adapter_inputs(self, wl: Workload) -> tuple[int, tuple[torch.Tensor, ...]]:
+        """Index (in ``model.adapters()``) of the first adapter of decoder level ``wl.level``,
+        and the inputs (x, freq_emb, shared) a forward of ``wl.shape`` gives it."""
+        inputs: list[tuple[torch.Tensor, ...]] = []
+        hooks = [
+            a.register_forward_pre_hook(lambda _m, args: inputs.append(tuple(t.detach() for t in args)))
+            for a in self.base.adapters()
+        ]
+        try:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                self.base(torch.rand(wl.shape, device=self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        widths: list[int] = []  # one per decoder level, deepest first (the adapters' order)
+        for args in inputs:
+            if args[0].shape[1] not in widths:
+                widths.append(args[0].shape[1])
+        if not 1 <= wl.level <= len(widths):
+            raise ValueError(f"level must be 1..{len(widths)} (the decoder levels), got {wl.level}")
+        index = next(i for i, args in enumerate(inputs) if args[0].shape[1] == widths[wl.level - 1])
+        return index, inputs[index]
+
+    def _adapter_fn(self, wl: Workload, provider: str):
+        model = copy.deepcopy(self.base).train()
+        model.set_backend(_backend_of(provider))
+        model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
+        index, (x, freq_emb, shared) = self.adapter_inputs(wl)
+        adapter = model.adapters()[index]
+        runner = _compile(adapter, model.compile_dynamic()) if provider.startswith("compiled-") else adapter
+        x, shared = x.clone().requires_grad_(True), shared.clone().requires_grad_(True)
+        wrt = [x, shared, *adapter.parameters()]
+        autocast = wl.precision == "bf16-autocast"
+
+        def step():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = runner(x, freq_emb, shared)
+                loss = out.float().square().mean() + 0.01 * adapter.loss
+            # Experts no image chose get no gradient on the per-expert path.
+            return torch.autograd.grad(loss, wrt, allow_unused=True)
+
+        return model, step
+
     def run(self, wl: Workload, provider: str) -> dict:
         """Time ``wl`` with ``provider``; returns the result row (without suite/status keys)."""
-        make = self._training_fn if wl.kind == "training" else self._inference_fn
+        make = {"training": self._training_fn, "adapter": self._adapter_fn}.get(wl.kind, self._inference_fn)
         model, fn = make(wl, provider)
         start = time.perf_counter()
         fn()  # the first call compiles (torch.compile, Triton JIT) and warms the allocator
@@ -599,7 +661,7 @@ def run_models(
     emit: Callable[[dict], None],
     deadline: Deadline,
     compile_reference: bool | None = None,
-    kinds: tuple[str, ...] = ("inference", "training", "video"),
+    kinds: tuple[str, ...] = ("inference", "training", "video", "adapter"),
     min_time_s: float = 0.3,
     min_samples: int = 5,
     only: tuple[str, ...] | None = None,
@@ -634,6 +696,9 @@ def run_models(
         }
         if wl.scaled_from:
             base["scaled_from"] = list(wl.scaled_from)
+        if provider == GRAPHED_PROVIDER and wl.kind == "adapter":
+            emit(base | {"status": "skipped", "error": "graphed-auto captures whole steps, not one adapter"})
+            continue
         compiling = provider.startswith("compiled-") and size != "tiny"
         # An eager job needs about what the reference took on this workload (before it has run:
         # what the last job took), twice over for safety.

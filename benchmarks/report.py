@@ -27,7 +27,7 @@ from pathlib import Path
 
 PROVIDER_ORDER = ("reference", "compiled-reference", "auto", "compiled-auto", "triton", "cuda", "cpu")
 MODES = ("forward", "backward", "full")
-WORKLOADS = ("video", "training", "inference")
+WORKLOADS = ("video", "training", "inference", "adapter")
 #: ||got - ref|| / ||ref|| above this marks a provider's output as wrong in the tables.
 TOLERANCE = {"float32": 1e-3, "float64": 1e-6, "bfloat16": 3e-2, "float16": 1e-2}
 

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument(
-        "--workloads", default="inference,training,video", help="comma-separated model workloads"
+        "--workloads", default="inference,training,video,adapter", help="comma-separated model workloads"
     )
     parser.add_argument(
         "--model-providers",

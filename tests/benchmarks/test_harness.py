@@ -291,3 +291,34 @@ def test_profile_step_reports_per_provider_and_refuses_bad_counts(tmp_path, caps
     assert ok["provider"] == "reference" and ok["wall_ms_per_step"] > 0 and 0 < len(ok["top"]) <= 3
     assert ok["busy_ms_per_step"] > 0 and ok["calls_per_step"] > 0
     assert broken["provider"] == "no-such-provider" and "error" in broken
+
+
+def test_adapter_workload_times_one_adapter_of_the_chosen_level():
+    bench = models.ModelBench(torch.device("cpu"), {}, overrides=models.TINY_OVERRIDES)
+    dim = models.TINY_OVERRIDES["dim"]
+    for level, width, side in [(1, 4 * dim, 8), (3, dim, 32)]:
+        wl = models.Workload("adapter", 2, 32, 32, "float32", level=level)
+        index, (x, freq_emb, shared) = bench.adapter_inputs(wl)
+        assert x.shape == shared.shape == (2, width, side, side) and freq_emb.shape[0] == 2
+        assert wl.case == f"b2.32x32.level{level}"
+        model, step = bench._adapter_fn(wl, "reference")
+        grads = step()
+        adapter = model.adapters()[index]
+        assert len(grads) == 2 + len(list(adapter.parameters()))
+        assert grads[0].shape == x.shape and grads[1].shape == shared.shape
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+        assert grads[0].abs().sum() > 0  # the loss reaches the adapter's input
+    with pytest.raises(ValueError, match="level must be 1..3"):
+        bench.adapter_inputs(models.Workload("adapter", 1, 32, 32, "float32", level=4))
+
+
+def test_graphed_provider_skips_the_adapter_alone(monkeypatch):
+    providers = ["reference", models.GRAPHED_PROVIDER]
+    monkeypatch.setattr(models, "model_providers", lambda model, device: (providers, {}))
+    rows: list[dict] = []
+    models.run_models(torch.device("cpu"), "tiny", {}, rows.append, common.Deadline(), kinds=("adapter",),
+                      min_time_s=0.01, min_samples=1)  # fmt: skip
+    by_provider = {r["provider"]: r for r in rows}
+    assert by_provider["reference"]["status"] == "ok" and by_provider["reference"]["workload"] == "adapter"
+    assert by_provider[models.GRAPHED_PROVIDER]["status"] == "skipped"
+    assert "not one adapter" in by_provider[models.GRAPHED_PROVIDER]["error"]
