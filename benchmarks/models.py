@@ -24,6 +24,8 @@ path (``model.set_expert_path("sync_free")``), and ``graphed-auto`` (GPU): the i
 the whole training step (``moceir.cuda_graphs``) captured once in a CUDA graph and replayed.
 Peak memory (GPU) is ``max_memory_allocated`` over one call; for ``graphed-auto``, whose replay
 allocates nothing, the memory reserved while the graph is held (its private pool included).
+On a GPU the ``compiled-*`` jobs run in a process of their own (``run_isolated``): a crash
+inside torch.compile costs their row, not the rest of the run.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import contextlib
 import copy
 import functools
 import importlib
+import math
+import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -654,6 +658,50 @@ class ModelBench:
         }
 
 
+def _isolated_job(conn, settings: dict, wl: Workload, provider: str) -> None:
+    """``ModelBench(**settings).run(wl, provider)`` in a process of its own (see run_isolated)."""
+    try:
+        bench = ModelBench(torch.device(settings.pop("device")), **settings)
+        conn.send(("ok", bench.run(wl, provider)))
+    except Exception as e:  # noqa: BLE001  (sent back as the job's error)
+        conn.send(("error", f"{type(e).__name__}: {e}"[:500]))
+    finally:
+        conn.close()
+
+
+def run_isolated(settings: dict, wl: Workload, provider: str, timeout_s: float, target=_isolated_job) -> dict:
+    """Run one job in a fresh process (spawned: a CUDA context must not be forked) and return
+    its row. On an H100, Inductor compiling the reference aborted the whole process ("trying to
+    set the current FakeTensorMode, but one already exists"); run there, such a crash costs one
+    row instead of the rest of the run. The ModelBench of ``settings`` (device, ceil, min_time_s,
+    min_samples, overrides) rebuilds the same weights (seeded). RuntimeError when the job fails,
+    the process dies or ``timeout_s`` passes (the process is then ended)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(child, dict(settings), wl, provider), daemon=True)
+    proc.start()
+    child.close()
+    status, payload, timed_out = None, None, False
+    try:
+        if parent.poll(None if math.isinf(timeout_s) else max(timeout_s, 0.0)):
+            status, payload = parent.recv()
+    except EOFError:  # the process ended without a word: it crashed
+        pass
+    finally:
+        if status is None and proc.is_alive():
+            timed_out = True
+            proc.terminate()
+        proc.join(10)
+        parent.close()
+    if status == "ok":
+        return payload
+    if status == "error":
+        raise RuntimeError(payload)
+    if timed_out:
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s in its own process")
+    raise RuntimeError(f"its process died (exit code {proc.exitcode}; a crash inside torch?)")
+
+
 def run_models(
     device: torch.device,
     size: str,
@@ -709,7 +757,12 @@ def run_models(
             continue
         start = time.perf_counter()
         try:
-            row = bench.run(wl, provider)
+            if device.type == "cuda" and provider.startswith("compiled-"):
+                settings = {"device": str(device), "ceil": ceil, "min_time_s": min_time_s,
+                            "min_samples": min_samples, "overrides": overrides}  # fmt: skip
+                row = run_isolated(settings, wl, provider, deadline.remaining())
+            else:
+                row = bench.run(wl, provider)
         except Exception as e:  # noqa: BLE001  (a broken backend must not stop the run)
             emit(base | {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]})
         else:

@@ -322,3 +322,32 @@ def test_graphed_provider_skips_the_adapter_alone(monkeypatch):
     assert by_provider["reference"]["status"] == "ok" and by_provider["reference"]["workload"] == "adapter"
     assert by_provider[models.GRAPHED_PROVIDER]["status"] == "skipped"
     assert "not one adapter" in by_provider[models.GRAPHED_PROVIDER]["error"]
+
+
+def _dying_job(conn, settings, wl, provider):  # a job whose process ends without a word, as a crash
+    import os  # noqa: PLC0415
+
+    os._exit(3)  # not os.abort(): no core file on machines that keep them
+
+
+def _sleeping_job(conn, settings, wl, provider):
+    import time  # noqa: PLC0415
+
+    time.sleep(60)
+
+
+def test_an_isolated_job_returns_its_row_or_says_how_it_failed():
+    """Compiled jobs on a GPU run in a process of their own: a crash there (an H100 run aborted
+    inside Inductor) costs one row, not the rest of the run."""
+    settings = {"device": "cpu", "ceil": {}, "min_time_s": 0.01, "min_samples": 1,
+                "overrides": models.TINY_OVERRIDES}  # fmt: skip
+    wl = models.Workload("adapter", 1, 32, 32, "float32", level=1)
+    row = models.run_isolated(settings, wl, "reference", timeout_s=120)
+    assert row["median_ms"] > 0 and row["samples"] >= 1
+    with pytest.raises(RuntimeError, match="ValueError: level must be 1..3"):
+        bad = models.Workload("adapter", 1, 32, 32, "float32", level=7)
+        models.run_isolated(settings, bad, "reference", 120)
+    with pytest.raises(RuntimeError, match="process died .exit code 3"):
+        models.run_isolated(settings, wl, "reference", 120, target=_dying_job)
+    with pytest.raises(RuntimeError, match="timed out after 2 s"):
+        models.run_isolated(settings, wl, "reference", 2, target=_sleeping_job)
