@@ -107,7 +107,9 @@ class MoCEIR(nn.Module):
 
     def adapters(self) -> list[MoCELayer]:
         """The mixture-of-experts layers, in forward order (deepest decoder level first)."""
-        return [m for m in self.modules() if isinstance(m, MoCELayer)]
+        # Read off the decoder, not found by walking every module: the forward calls this, and
+        # a walk of MoCE-IR-S's 1,336 modules took ~1 ms of host time per call on the CPU.
+        return [block.adapter for _, _, group in self.dec for block in group.layers]
 
     def set_backend(self, backend: str) -> MoCEIR:
         """Choose the kernels the model runs with: "auto" (per op, the fastest available for the

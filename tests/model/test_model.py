@@ -34,6 +34,29 @@ def test_state_dict_matches_official_keys_and_sizes(name, params):
     assert sum(p.numel() for p in model.parameters()) == params
 
 
+@pytest.mark.parametrize("name", ["moce_ir_s", "moce_ir"])
+def test_adapters_are_every_moce_layer_in_forward_order(name):
+    from moceir.layers.adapter import MoCELayer  # noqa: PLC0415
+
+    model = moceir.build_model(name)
+    found = [m for m in model.modules() if isinstance(m, MoCELayer)]
+    assert len(found) == sum(model.config.num_dec_blocks)
+    assert [id(a) for a in model.adapters()] == [id(m) for m in found]
+    called: list[tuple[int, int]] = []  # (adapter, input width) in the order a forward runs them
+
+    def record(module, args):
+        called.append((id(module), args[0].shape[1]))
+
+    hooks = [a.register_forward_pre_hook(record) for a in found]
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    assert [i for i, _ in called] == [id(a) for a in model.adapters()]
+    widths = [w for _, w in called]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]  # deepest level first
+
+
 def test_complexity_buffer_is_relative_parameter_count():
     adapter = moceir.build_model("moce_ir_s").adapters()[0]
     sizes = torch.tensor(
