@@ -608,10 +608,14 @@ class ModelBench:
 
         return model, step
 
+    def step_fn(self, wl: Workload, provider: str) -> tuple[nn.Module, Callable[[], object]]:
+        """(model, one call of ``wl`` with ``provider``): what ``run`` times and the profiler traces."""
+        make = {"training": self._training_fn, "adapter": self._adapter_fn}.get(wl.kind, self._inference_fn)
+        return make(wl, provider)
+
     def run(self, wl: Workload, provider: str) -> dict:
         """Time ``wl`` with ``provider``; returns the result row (without suite/status keys)."""
-        make = {"training": self._training_fn, "adapter": self._adapter_fn}.get(wl.kind, self._inference_fn)
-        model, fn = make(wl, provider)
+        model, fn = self.step_fn(wl, provider)
         start = time.perf_counter()
         fn()  # the first call compiles (torch.compile, Triton JIT) and warms the allocator
         synchronize(self.device)

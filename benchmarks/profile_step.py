@@ -33,8 +33,7 @@ def _self_device_us(evt) -> float:
 
 
 def profile_job(bench: ModelBench, wl: Workload, provider: str, steps: int, top: int) -> dict:
-    make = bench._training_fn if wl.kind == "training" else bench._inference_fn
-    _, fn = make(wl, provider)
+    _, fn = bench.step_fn(wl, provider)
     for _ in range(2):  # compile, load kernels, warm the allocator
         fn()
     synchronize(bench.device)
@@ -133,10 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or ("quick" if device.type == "cuda" else "tiny")
     kinds = args.workloads.split(",")
     chosen = [wl for wl in workloads(device, size) if wl.kind in kinds]
-    # One workload per kind: the first (most important) of each.
+    # One workload per kind: the first (most important) of each, in the order --workloads names.
     chosen = [wl for i, wl in enumerate(chosen) if wl.kind not in {w.kind for w in chosen[:i]}]
+    chosen.sort(key=lambda wl: kinds.index(wl.kind))
     bench = ModelBench(device, ceilings(device, "tiny"), overrides=None)
-    results = []
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.output.mkdir(parents=True, exist_ok=True)
+    base = args.output / f"profile-{device.type}-{stamp}"
+    payload = {"environment": environment(device), "steps": args.steps, "results": []}
+    results = payload["results"]
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     for wl in chosen:
         for provider in args.providers.split(","):
             try:
@@ -152,14 +157,12 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
             print(render(results[-1:]), flush=True)
+            # Rewritten after every job: a run stopped by its budget keeps what it profiled
+            # (an H100 run lost every profile when the stage's time ran out in the last one).
+            base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+            base.with_suffix(".txt").write_text(render(results) + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.output.mkdir(parents=True, exist_ok=True)
-    base = args.output / f"profile-{device.type}-{stamp}"
-    payload = {"environment": environment(device), "steps": args.steps, "results": results}
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    base.with_suffix(".txt").write_text(render(results) + "\n")
     print(f"wrote {base}.json and .txt")
 
 

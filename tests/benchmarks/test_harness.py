@@ -283,14 +283,21 @@ def test_profile_step_reports_per_provider_and_refuses_bad_counts(tmp_path, caps
         with pytest.raises(SystemExit):
             profile_step.main(bad)
         assert "--steps and --top must be >= 1" in capsys.readouterr().err
-    argv = ["--device", "cpu", "--workloads", "inference", "--providers", "reference,no-such-provider",
+    providers = "reference,no-such-provider"
+    argv = ["--device", "cpu", "--workloads", "adapter,inference", "--providers", providers,
             "--steps", "1", "--top", "3", "--output", str(tmp_path)]  # fmt: skip
     profile_step.main(argv)
     (path,) = tmp_path.glob("profile-cpu-*.json")
-    ok, broken = json.loads(path.read_text())["results"]
-    assert ok["provider"] == "reference" and ok["wall_ms_per_step"] > 0 and 0 < len(ok["top"]) <= 3
-    assert ok["busy_ms_per_step"] > 0 and ok["calls_per_step"] > 0
-    assert broken["provider"] == "no-such-provider" and "error" in broken
+    results = json.loads(path.read_text())["results"]
+    # In the order --workloads names them (the adapter alone through the benchmarks' own step).
+    assert [(r["workload"], r["provider"]) for r in results] == [
+        ("adapter", "reference"), ("adapter", "no-such-provider"),
+        ("inference", "reference"), ("inference", "no-such-provider"),
+    ]  # fmt: skip
+    for ok, broken in (results[:2], results[2:]):
+        assert ok["wall_ms_per_step"] > 0 and 0 < len(ok["top"]) <= 3
+        assert ok["busy_ms_per_step"] > 0 and ok["calls_per_step"] > 0
+        assert "error" in broken
 
 
 def test_adapter_workload_times_one_adapter_of_the_chosen_level():
