@@ -478,15 +478,15 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device, graphed: bool = 
     return peak
 
 
-def _compile(module: nn.Module, dynamic: bool | None) -> Callable:
-    """``torch.compile(module)`` from a clean slate: each workload compiles for its own shapes.
-    ``dynamic``: the model's ``compile_dynamic()``: the reference's per-expert image counts
-    (read on the host, changed by the training noise from step to step) compile static, as
-    Inductor fails on them made symbolic."""
+def _compile(module: nn.Module, model: moceir.MoCEIR) -> Callable:
+    """``torch.compile(module)`` (``model`` or a part of it) from a clean slate: each workload
+    compiles for its own shapes. ``dynamic=model.compile_dynamic()``: the reference's per-expert
+    image counts (read on the host, changed by the training noise from step to step) compile
+    static, as Inductor fails on them made symbolic."""
     import torch._dynamo  # noqa: PLC0415
 
     torch._dynamo.reset()
-    return torch.compile(module, dynamic=dynamic)
+    return torch.compile(module, dynamic=model.compile_dynamic())
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -513,6 +513,7 @@ class ModelBench:
         self.base = self.base.to(device).eval()
         self._cast: dict[str, nn.Module] = {"float32": self.base}
         self._flops: dict[tuple, float] = {}
+        self._adapter_inputs: dict[Workload, tuple[int, tuple[torch.Tensor, ...]]] = {}
 
     def inference_model(self, precision: str) -> moceir.MoCEIR:
         if precision not in self._cast:
@@ -527,7 +528,7 @@ class ModelBench:
         if provider == GRAPHED_PROVIDER:
             graphed = GraphedInference(model, x)
             return model, graphed.replay
-        runner = _compile(model, model.compile_dynamic()) if provider.startswith("compiled-") else model
+        runner = _compile(model, model) if provider.startswith("compiled-") else model
 
         def fn():
             with torch.inference_mode():
@@ -539,7 +540,7 @@ class ModelBench:
         model = copy.deepcopy(self.base).train()
         model.set_backend(_backend_of(provider))
         model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
-        runner = _compile(model, model.compile_dynamic()) if provider.startswith("compiled-") else model
+        runner = _compile(model, model) if provider.startswith("compiled-") else model
         x = torch.rand(wl.shape, device=self.device)
         y = torch.rand(wl.shape, device=self.device)
         autocast = wl.precision == "bf16-autocast"
@@ -566,7 +567,13 @@ class ModelBench:
 
     def adapter_inputs(self, wl: Workload) -> tuple[int, tuple[torch.Tensor, ...]]:
         """Index (in ``model.adapters()``) of the first adapter of decoder level ``wl.level``,
-        and the inputs (x, freq_emb, shared) a forward of ``wl.shape`` gives it."""
+        and the inputs (x, freq_emb, shared) a forward of ``wl.shape`` gives it (one forward per
+        workload, shared by its providers)."""
+        if wl not in self._adapter_inputs:
+            self._adapter_inputs[wl] = self._capture_adapter_inputs(wl)
+        return self._adapter_inputs[wl]
+
+    def _capture_adapter_inputs(self, wl: Workload) -> tuple[int, tuple[torch.Tensor, ...]]:
         inputs: list[tuple[torch.Tensor, ...]] = []
         hooks = [
             a.register_forward_pre_hook(lambda _m, args: inputs.append(tuple(t.detach() for t in args)))
@@ -594,7 +601,7 @@ class ModelBench:
         model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
         index, (x, freq_emb, shared) = self.adapter_inputs(wl)
         adapter = model.adapters()[index]
-        runner = _compile(adapter, model.compile_dynamic()) if provider.startswith("compiled-") else adapter
+        runner = _compile(adapter, model) if provider.startswith("compiled-") else adapter
         x, shared = x.clone().requires_grad_(True), shared.clone().requires_grad_(True)
         wrt = [x, shared, *adapter.parameters()]
         autocast = wl.precision == "bf16-autocast"

@@ -111,6 +111,15 @@ def test_graphed_train_step_matches_eager_steps(backend, skip_unused):
     assert rel < 0.1, f"the graphed steps moved the weights {rel:.2%} away from the eager steps"
 
 
+def _step_both(graphed: GraphedTrainStep, twin: GraphedTrainStep, batch: int, seed: int):
+    """One step of each on the same random batch (16 x 24) and routing-noise seed: their losses."""
+    x, y = torch.rand(batch, 3, 16, 24, device="cuda"), torch.rand(batch, 3, 16, 24, device="cuda")
+    torch.manual_seed(seed)
+    got = graphed(x, y).clone()
+    torch.manual_seed(seed)
+    return got, twin(x, y)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_graphed_train_step_with_accumulation_matches_its_uncaptured_twin(backend):
     """``accumulation=2`` captured: both micro-batches' forward and backward and one AdamW step
@@ -124,11 +133,7 @@ def test_graphed_train_step_with_accumulation_matches_its_uncaptured_twin(backen
     graphed = GraphedTrainStep(graphed_model, opt_graphed, _loss, x0, x0, accumulation=2)
     twin = GraphedTrainStep(twin_model, opt_twin, _loss, x0, x0, accumulation=2, capture=False)
     for seed in range(2):
-        x, y = torch.rand(4, 3, 16, 24, device="cuda"), torch.rand(4, 3, 16, 24, device="cuda")
-        torch.manual_seed(seed)
-        got = graphed(x, y).clone()
-        torch.manual_seed(seed)
-        want = twin(x, y)
+        got, want = _step_both(graphed, twin, 4, seed)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert torch.equal(graphed.routing_counts, twin.routing_counts)
         assert int(graphed.routing_counts.sum(1).max()) == 4
@@ -158,11 +163,7 @@ def test_graphed_train_step_with_fp16_loss_scaling_matches_its_uncaptured_twin(b
     )
     assert scalers[0].state_dict()["scale"] == 2.0**127  # the warm-up's changes were put back
     for seed in range(4):
-        x, y = torch.rand(2, 3, 16, 24, device="cuda"), torch.rand(2, 3, 16, 24, device="cuda")
-        torch.manual_seed(seed)
-        got = graphed(x, y).clone()
-        torch.manual_seed(seed)
-        want = twin(x, y)
+        got, want = _step_both(graphed, twin, 2, seed)
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
         assert scalers[0].state_dict() == scalers[1].state_dict()
         if seed == 0:
