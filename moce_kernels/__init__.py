@@ -17,6 +17,7 @@ from moce_kernels.grouped_pointwise import grouped_pointwise, pack_pointwise_wei
 from moce_kernels.layernorm2d import layernorm2d
 from moce_kernels.patch_fft_conv import patch_fft_conv
 from moce_kernels.pointwise_combine import pointwise_combine
+from moce_kernels.qk_gram import qk_gram
 from moce_kernels.route import RoutingPlan, route
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "pack_rows",
     "patch_fft_conv",
     "pointwise_combine",
+    "qk_gram",
     "route",
 ]
 __version__ = "0.1.0"

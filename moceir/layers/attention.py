@@ -8,6 +8,7 @@ from torch import nn
 
 from moce_kernels._backend import op_backend, resolve_backend
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
+from moce_kernels.qk_gram import qk_gram
 from moceir.layers.conv import DepthwiseConv2d
 
 
@@ -18,6 +19,7 @@ def channel_attention(
     heads: int,
     temperature: torch.Tensor,
     fold_norms: bool = False,
+    backend: str = "reference",
 ):
     """softmax(normalize(q) @ normalize(k)^T * temperature) @ v over (C/heads x C/heads) maps.
 
@@ -27,11 +29,20 @@ def channel_attention(
     ``(q @ k^T) / (|q| |k|^T)``, instead of normalising q and k (two passes writing [B, C, H*W]
     tensors, and their backward): 1.4x forward + backward at MoCE-IR-S's 128 x 128 level on
     the CPU, equal to float64 rounding. Only where the unnormalised product cannot overflow:
-    float16 keeps the official form (see :func:`can_fold_norms`).
+    float16 keeps the official form (see :func:`can_fold_norms`). With ``backend`` (the model's)
+    giving ``moce_kernels.qk_gram`` a kernel (Triton: "auto" on a GPU, "triton"), the product
+    and both norms come from one pass over q and k, summed in float32.
     """
     b, c, h, w = q.shape
     q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))
-    if fold_norms:
+    gram_backend = _gram_backend(backend, q, k) if fold_norms else "reference"
+    if gram_backend != "reference":
+        gram, q_sq, k_sq = qk_gram(q, k, backend=gram_backend)
+        # max(|x|, eps) as F.normalize divides by (eps 1e-12).
+        q_norm = q_sq.sqrt().clamp_min(1e-12).unsqueeze(-1)
+        k_norm = k_sq.sqrt().clamp_min(1e-12).unsqueeze(-2)
+        attn = gram / (q_norm * k_norm) * temperature
+    elif fold_norms:
         # max(|x|, eps) as F.normalize divides by (eps 1e-12).
         q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
         k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -43,6 +54,14 @@ def channel_attention(
         attn = (q @ k.transpose(-2, -1)) * temperature
     attn = attn.softmax(dim=-1)
     return (attn @ v).reshape(b, c, h, w)
+
+
+def _gram_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """The concrete backend of ``qk_gram`` for a model on ``backend``; "reference" keeps the
+    matmul form (qk_gram's reference computes in float32 copies: no faster than that)."""
+    if q.dtype != k.dtype:
+        return "reference"
+    return resolve_backend("qk_gram", op_backend("qk_gram", backend), q.device)
 
 
 def can_fold_norms(backend: str, x: torch.Tensor) -> bool:
@@ -75,8 +94,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        fold = can_fold_norms(self.qkv_dwconv.backend, q)
-        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature, fold))
+        backend = self.qkv_dwconv.backend
+        fold = can_fold_norms(backend, q)
+        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature, fold, backend))
 
 
 class CrossAttention(nn.Module):
@@ -95,8 +115,9 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         q = self.q_dwconv(self.q(x))
         k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
-        fold = can_fold_norms(self.q_dwconv.backend, q)
-        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature, fold))
+        backend = self.q_dwconv.backend
+        fold = can_fold_norms(backend, q)
+        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature, fold, backend))
 
 
 class FeedForward(nn.Module):

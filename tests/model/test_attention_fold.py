@@ -1,6 +1,7 @@
 """The channel attention with its L2 normalisation folded onto the small (C/heads)^2 map: the
-official function (forward and every gradient), taken by the fast backends only, never where
-float16 could overflow."""
+official function (forward and every gradient), with q k^T and the norms from the matmul form or
+from ``moce_kernels.qk_gram``'s kernel, taken by the fast backends only, never where float16 could
+overflow."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import moceir
+from moce_kernels._backend import triton_usable
 from moceir.layers import attention
 from moceir.layers.attention import Attention, CrossAttention, can_fold_norms, channel_attention
 
@@ -100,3 +102,43 @@ def test_modules_fold_from_their_convolution_backend(folds):
             folds.clear()
             call(module)
             assert folds == [want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_folded_attention_on_the_gram_kernel_is_the_official_function(dtype):
+    """backend "triton" (the interpreter here): q k^T and the norms from moce_kernels.qk_gram."""
+    usable, why = triton_usable()
+    if not usable:
+        pytest.skip(why)
+    args = _inputs(dtype, c=40, h=9, w=31, heads=2)  # 20 rows per head, 279 pixels: masked tiles
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    outs = []
+    for fold, backend in ((False, "reference"), (True, "triton")):
+        y = channel_attention(*args, fold_norms=fold, backend=backend)
+        grads = torch.autograd.grad(y, [args[0], args[1], args[2], args[4]], torch.ones_like(y))
+        outs.append((y, *grads))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_who_uses_the_gram_kernel(monkeypatch):
+    """The modules pass their backend on; the gram kernel runs only where qk_gram has one."""
+    calls = []
+    real = attention.qk_gram
+    monkeypatch.setattr(attention, "qk_gram", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    x = torch.rand(1, 8, 5, 6)
+    module = Attention(8, 2, True)
+    for backend in ("reference", "cpu", "auto"):  # on the CPU: no gram kernel
+        for m in module.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+        calls.clear()
+        module(x)
+        assert calls == [], backend
+    if triton_usable()[0]:
+        for m in module.modules():
+            if hasattr(m, "backend"):
+                m.backend = "triton"
+        calls.clear()
+        module(x)
+        assert calls == ["triton"]
