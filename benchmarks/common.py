@@ -41,6 +41,7 @@ OPS = (
     "grouped_pointwise",
     "layernorm2d",
     "patch_fft_conv",
+    "qk_gram",
 )
 #: Concrete non-reference backends, in the order they are reported.
 FAST_BACKENDS = ("triton", "cuda", "cpu")

@@ -525,6 +525,32 @@ def bench_patch_fft_conv(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def bench_qk_gram(sizes: Sizes, device, dtype) -> list[Bench]:
+    """Channel attention's q k^T and norms at each level: heads of 32 channels as in MoCE-IR-S
+    (one head where the level is narrower)."""
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        heads = max(1, width // 32)
+        shape = (sizes.batch, heads, width // heads, side * side)
+        q, k = _rand(shape, device, dtype), _rand(shape, device, dtype)
+        fl = 2.0 * q.numel() * (shape[2] + 1)  # q k^T and the squares
+        out.append(
+            Bench(
+                op="qk_gram",
+                case=level,
+                shape=list(shape),
+                forward=lambda p, q=q, k=k: moce_kernels.qk_gram(q, k, backend=p),
+                diff_outputs=lambda o: list(o),
+                all_outputs=lambda o: list(o),
+                inputs=[q, k],
+                # forward: q, k in (the [D, D] maps out are small); backward: q, k in, their grads out.
+                bytes_moved=_with_full(nbytes(q, k), 2 * nbytes(q, k)),
+                flops=_full_flops(fl, 2 * fl),
+            )
+        )
+    return out
+
+
 SETUPS = {
     "route": bench_route,
     "dispatch": bench_dispatch,
@@ -537,6 +563,7 @@ SETUPS = {
     "grouped_pointwise": bench_grouped_pointwise,
     "layernorm2d": bench_layernorm2d,
     "patch_fft_conv": bench_patch_fft_conv,
+    "qk_gram": bench_qk_gram,
 }
 assert tuple(SETUPS) == OPS, "every op of benchmarks.common.OPS has a setup, in that order"
 

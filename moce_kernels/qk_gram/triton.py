@@ -39,8 +39,11 @@ _device_guard = _triton_common.device_guard
 _empty = _triton_common.empty
 _interpreted = _triton_common.interpreted
 
-#: Widest map tile (ptxas on sm_90, Triton 3.6, 8 warps: no spills with these tiles).
+#: Widest map tile (ptxas on sm_90, Triton 3.6, 8 warps: no spills with these tiles). The
+#: forward's stacked 16-bit product takes D = 64 (MoCE-IR's widest head) in one tile (~200
+#: registers): one read of q and k, where [32, 32] tiles would read each twice.
 _BLOCK_D = 32
+_STACKED_BLOCK_D = 64
 #: tl.dot's smallest operand side.
 _MIN_DOT = 16
 #: Pixels per step. 16-bit inputs (the stacked [2 BLOCK_D, 64] tile on wgmma): ~110 registers;
@@ -206,8 +209,9 @@ def _config(d: int, dtype: torch.dtype, *, backward: bool = False) -> dict:
     if dtype == torch.float64:
         block_d, block_n, smallest = _FP64_BLOCK_D, _FP64_BLOCK_N, 1
     else:
-        block_d, smallest = _BLOCK_D, _MIN_DOT
-        block_n = _STACKED_BLOCK_N if sixteen_bit and not backward else _BLOCK_N
+        stacked = sixteen_bit and not backward
+        block_d, smallest = (_STACKED_BLOCK_D if stacked else _BLOCK_D), _MIN_DOT
+        block_n = _STACKED_BLOCK_N if stacked else _BLOCK_N
         if _interpreted():
             block_n = _INTERPRETER_BLOCK_N
     config = dict(

@@ -26,6 +26,7 @@ DEVICE = TRITON_DEVICE
 SHAPES = [
     pytest.param((2, 3, 5, 1000), id="B2-h3-D5-N1000"),
     pytest.param((1, 1, 32, 700), id="B1-D32-N700"),
+    pytest.param((1, 1, 64, 300), id="D64"),
     pytest.param((1, 2, 70, 300), id="D70-two-tiles"),
     pytest.param((2, 1, 3, 1), id="N1"),
     pytest.param((1, 1, 16, 4096), id="N4096-split"),
@@ -198,17 +199,20 @@ def test_torch_compile_fullgraph(gram_triton):
 AOT_BODY = """
     from moce_kernels.qk_gram import triton as qg
 
-    for label, dtype, t in (("bf16", torch.bfloat16, "*bf16"), ("fp32", torch.float32, "*fp32")):
+    for label, dtype, t, d in (
+        ("bf16", torch.bfloat16, "*bf16", 32), ("bf16-d64", torch.bfloat16, "*bf16", 64),
+        ("fp32", torch.float32, "*fp32", 32),
+    ):
         strides = {f"{x}_{s}": "i64" for x in "qk" for s in ("sb", "sh", "sd")}
         sig = dict(q_ptr=t, k_ptr=t, gram_ptr="*fp32", q_sq_ptr="*fp32", k_sq_ptr="*fp32", HEADS="i32",
                    D="i32", N="i32", **strides, SPLITS="i32", STEPS_PER_SPLIT="i32", TILES="i32")
-        config = qg._config(32, dtype)
+        config = qg._config(d, dtype)
         warps = config.pop("num_warps")
         consts = dict(config, USE_DOT=True, DOT_UPCAST=False, ACC=tl.float32)
         compile_("partial-" + label, qg.qk_gram_partial_kernel, sig, consts, warps)
         sig = dict(grad_gram_ptr="*fp32", grad_q_sq_ptr="*fp32", grad_k_sq_ptr="*fp32", q_ptr=t, k_ptr=t,
                    grad_q_ptr=t, grad_k_ptr=t, HEADS="i32", D="i32", N="i32", **strides, TILES="i32")
-        config = qg._config(32, dtype, backward=True)
+        config = qg._config(d, dtype, backward=True)
         warps = config.pop("num_warps")
         consts = dict(config, USE_DOT=True, DOT_UPCAST=False, ACC=tl.float32)
         compile_("bwd-" + label, qg.qk_gram_bwd_kernel, sig, consts, warps)
@@ -220,12 +224,13 @@ def test_aot_compile_sm90():
     forward's stacked bfloat16 product runs on Hopper's tensor cores (wgmma), the backward's
     split products on mma."""
     results = aot_resource_usage(AOT_BODY)
-    assert [r["label"] for r in results] == ["partial-bf16", "bwd-bf16", "partial-fp32", "bwd-fp32"]
+    labels = [f"{kernel}-{case}" for case in ("bf16", "bf16-d64", "fp32") for kernel in ("partial", "bwd")]
+    assert [r["label"] for r in results] == labels
     for r in results:
         print(r)
-        if r["label"] == "partial-bf16":
+        if r["label"].startswith("partial-bf16"):
             assert r["mma"] == "wgmma", r
-        if r["label"] == "bwd-bf16":
+        if r["label"].startswith("bwd-bf16"):
             assert r["mma"] == "mma", r
         if "STACK" in r:
             assert r["STACK"] == 0 and r["LOCAL"] == 0, f"{r['label']} spills: {r}"
