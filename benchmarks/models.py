@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import moceir
 from benchmarks.common import Deadline, measure, roofline_ms, synchronize
 from moceir.cuda_graphs import GraphedInference, GraphedTrainStep
+from moceir.layers import tuning
 
 VIDEO = (1080, 1920)
 #: The network of ``--tiny`` runs: MoCE-IR-S's structure, narrower and one block per level.
@@ -156,15 +157,23 @@ SYNC_FREE_PROVIDER = "auto-sync-free"
 #: The fastest backend captured in a CUDA graph and replayed (GPU): the inference forward, or the
 #: whole training step (forward, loss, backward, a capturable AdamW step).
 GRAPHED_PROVIDER = "graphed-auto"
+#: A provider with this suffix runs in benchmark mode (GPU): ``torch.backends.cudnn.benchmark``
+#: on while it is set up and timed, so cuDNN searches its algorithms and the trunk's
+#: convolutions time our kernels against cuDNN's once per shape (``moceir.layers.tuning``).
+TUNED = "-tuned"
+GRAPHED_TUNED_PROVIDER = GRAPHED_PROVIDER + TUNED
+AUTO_TUNED_PROVIDER = "auto" + TUNED
 #: Every model provider name (which of them run depends on the device and the build).
 MODEL_PROVIDERS = (
     "reference",
     "auto",
     GRAPHED_PROVIDER,
+    GRAPHED_TUNED_PROVIDER,
     "cuda",
     "cpu",
     "triton",
     SYNC_FREE_PROVIDER,
+    AUTO_TUNED_PROVIDER,
     *COMPILED_PROVIDERS,
 )
 #: Main workloads: the eager providers run these right after the training step and its compiled
@@ -444,18 +453,51 @@ def model_providers(model: moceir.MoCEIR, device: torch.device) -> tuple[list[st
         # Right after "auto": a run cut by its deadline still has the graphed step (the H100 run
         # of 2026-11-26 spent its time on cuda and triton and never reached it).
         if device.type == "cuda":
-            usable.insert(usable.index("auto") + 1, GRAPHED_PROVIDER)
+            at = usable.index("auto") + 1
+            usable[at:at] = [GRAPHED_PROVIDER, GRAPHED_TUNED_PROVIDER]
         else:
             unavailable[GRAPHED_PROVIDER] = "CUDA graphs need a CUDA GPU"
+            for p in (GRAPHED_TUNED_PROVIDER, AUTO_TUNED_PROVIDER):
+                unavailable[p] = "benchmark mode times cuDNN and our GPU kernels: GPU only"
         usable.append(SYNC_FREE_PROVIDER)
+        if device.type == "cuda":
+            usable.append(AUTO_TUNED_PROVIDER)
     return usable, unavailable
 
 
 def _backend_of(provider: str) -> str:
     """The model backend a provider runs: "compiled-cuda" -> "cuda", "auto-sync-free" -> "auto"."""
+    provider = provider.removesuffix(TUNED)
     if provider in (SYNC_FREE_PROVIDER, GRAPHED_PROVIDER):
         return "auto"
     return provider.removeprefix("compiled-")
+
+
+def is_graphed(provider: str) -> bool:
+    """Whether ``provider`` replays a CUDA graph (tuned or not)."""
+    return provider.removesuffix(TUNED) == GRAPHED_PROVIDER
+
+
+@contextlib.contextmanager
+def benchmark_mode(provider: str) -> Iterator[dict]:
+    """For a ``-tuned`` provider, benchmark mode from a clean slate while the block runs (cuDNN's
+    flag restored after it); yields a dict that receives the timed choices, counted per layer
+    kind: {"pointwise": {"cudnn": n, "kernel": m}, ...}. A no-op for the others."""
+    report: dict = {}
+    if not provider.endswith(TUNED):
+        yield report
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    tuning.reset()
+    try:
+        yield report
+    finally:
+        torch.backends.cudnn.benchmark = saved
+        for key, choice in tuning.choices().items():
+            counts = report.setdefault(key[0], {})
+            counts[choice] = counts.get(choice, 0) + 1
+        tuning.reset()
 
 
 def _peak_bytes(fn: Callable[[], object], device: torch.device, graphed: bool = False) -> int | None:
@@ -525,7 +567,7 @@ class ModelBench:
         x = torch.rand(wl.shape, device=self.device).to(_dtype(wl.precision))
         model.set_backend(_backend_of(provider))
         model.set_expert_path("sync_free" if provider == SYNC_FREE_PROVIDER else "auto")
-        if provider == GRAPHED_PROVIDER:
+        if is_graphed(provider):
             graphed = GraphedInference(model, x)
             return model, graphed.replay
         runner = _compile(model, model) if provider.startswith("compiled-") else model
@@ -548,7 +590,7 @@ class ModelBench:
         def loss_fn(net, out, target):
             return F.l1_loss(out.float(), target) + 0.01 * net.total_loss
 
-        if provider == GRAPHED_PROVIDER:
+        if is_graphed(provider):
             # The whole step in one CUDA graph: Adam's step must be capturable.
             opt = torch.optim.AdamW(model.parameters(), lr=2e-4, capturable=True)
             graphed = GraphedTrainStep(model, opt, loss_fn, x, y, torch.bfloat16 if autocast else None)
@@ -622,6 +664,13 @@ class ModelBench:
 
     def run(self, wl: Workload, provider: str) -> dict:
         """Time ``wl`` with ``provider``; returns the result row (without suite/status keys)."""
+        with benchmark_mode(provider) as choices:
+            row = self._run(wl, provider)
+        if choices:
+            row["tuned_choices"] = choices
+        return row
+
+    def _run(self, wl: Workload, provider: str) -> dict:
         model, fn = self.step_fn(wl, provider)
         start = time.perf_counter()
         fn()  # the first call compiles (torch.compile, Triton JIT) and warms the allocator
@@ -634,14 +683,14 @@ class ModelBench:
             "p80_ms": t.p80_ms,
             "samples": t.samples,
             "first_call_s": first_s,
-            "peak_bytes": _peak_bytes(fn, self.device, graphed=provider == GRAPHED_PROVIDER),
+            "peak_bytes": _peak_bytes(fn, self.device, graphed=is_graphed(provider)),
             "images_per_s": wl.batch / t.median_ms * 1e3,
         }
-        if provider == GRAPHED_PROVIDER and self.device.type == "cuda":
+        if is_graphed(provider) and self.device.type == "cuda":
             row["peak_kind"] = "reserved"  # the report tells these from older replay-only peaks
         if wl.kind == "video":
             row["frames_per_s"] = 1e3 / t.median_ms
-            if not provider.startswith("compiled-") and provider != GRAPHED_PROVIDER:
+            if not provider.startswith("compiled-") and not is_graphed(provider):
                 row |= self._video_extras(wl, model, fn, provider)
                 row["roofline_fraction"] = row["roofline_ms"] / t.median_ms
         if wl.kind == "training":
@@ -755,7 +804,7 @@ def run_models(
         }
         if wl.scaled_from:
             base["scaled_from"] = list(wl.scaled_from)
-        if provider == GRAPHED_PROVIDER and wl.kind == "adapter":
+        if is_graphed(provider) and wl.kind == "adapter":
             emit(base | {"status": "skipped", "error": "graphed-auto captures whole steps, not one adapter"})
             continue
         compiling = provider.startswith("compiled-") and size != "tiny"

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import ceilings, environment, synchronize
-from benchmarks.models import ModelBench, Workload, workloads
+from benchmarks.models import ModelBench, Workload, benchmark_mode, workloads
 
 
 def _self_device_us(evt) -> float:
@@ -33,6 +33,11 @@ def _self_device_us(evt) -> float:
 
 
 def profile_job(bench: ModelBench, wl: Workload, provider: str, steps: int, top: int) -> dict:
+    with benchmark_mode(provider):
+        return _profile(bench, wl, provider, steps, top)
+
+
+def _profile(bench: ModelBench, wl: Workload, provider: str, steps: int, top: int) -> dict:
     _, fn = bench.step_fn(wl, provider)
     for _ in range(2):  # compile, load kernels, warm the allocator
         fn()

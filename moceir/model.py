@@ -20,6 +20,7 @@ from moceir.layers.blocks import (
     FrequencyEmbedding,
     Upsample,
 )
+from moceir.layers.conv import PointwiseConv2d
 
 #: H and W must be multiples of this inside the network (three 2x down-samplings).
 SIZE_MULTIPLE = 8
@@ -82,7 +83,7 @@ class MoCEIR(nn.Module):
             ]
             self.dec.append(
                 nn.ModuleList(
-                    [Upsample(width_in), nn.Conv2d(width_in, width, 1, bias=False), DecoderGroup(blocks)]
+                    [Upsample(width_in), PointwiseConv2d(width_in, width, bias=False), DecoderGroup(blocks)]
                 )
             )
         self.refinement = EncoderGroup(cfg.dim, cfg.heads[0], cfg.num_refinement_blocks, cfg.ffn_expansion)

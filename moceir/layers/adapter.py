@@ -10,6 +10,7 @@ from torch import nn
 
 from moce_kernels import combine, dispatch, route
 from moce_kernels._backend import op_backend
+from moceir.layers.conv import PointwiseConv2d
 from moceir.layers.experts import ComplexityExpert, run_experts
 from moceir.layers.grouped_experts import run_experts_grouped
 
@@ -99,7 +100,7 @@ class MoCELayer(nn.Module):
         self.experts = nn.ModuleList(
             nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes, strict=True)
         )
-        self.proj_out = nn.Conv2d(dim, dim, 1, bias=False)
+        self.proj_out = PointwiseConv2d(dim, dim, bias=False)
         sizes = torch.tensor([sum(p.numel() for p in ex.parameters()) for ex in self.experts])
         self.routing = Router(dim, freq_dim, num_experts, sizes / sizes.max())
         self.loss: torch.Tensor | None = None

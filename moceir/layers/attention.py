@@ -9,7 +9,7 @@ from torch import nn
 from moce_kernels._backend import op_backend, resolve_backend
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.qk_gram import qk_gram
-from moceir.layers.conv import DepthwiseConv2d
+from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
 
 
 def channel_attention(
@@ -88,9 +88,9 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=bias)
+        self.qkv = PointwiseConv2d(dim, dim * 3, bias=bias)
         self.qkv_dwconv = depthwise(dim * 3, 3, bias)
-        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.project_out = PointwiseConv2d(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
@@ -106,11 +106,11 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.q = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.q = PointwiseConv2d(dim, dim, bias=bias)
         self.q_dwconv = depthwise(dim, 3, bias)
-        self.kv = nn.Conv2d(dim, dim * 2, 1, bias=bias)
+        self.kv = PointwiseConv2d(dim, dim * 2, bias=bias)
         self.kv_dwconv = depthwise(dim * 2, 7, bias)
-        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.project_out = PointwiseConv2d(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         q = self.q_dwconv(self.q(x))
@@ -131,9 +131,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, expansion: float, bias: bool) -> None:
         super().__init__()
         hidden = int(dim * expansion)
-        self.project_in = nn.Conv2d(dim, hidden * 2, 1, bias=bias)
+        self.project_in = PointwiseConv2d(dim, hidden * 2, bias=bias)
         self.dwconv = depthwise(hidden * 2, 3, bias)
-        self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
+        self.project_out = PointwiseConv2d(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.project_in(x)

@@ -7,7 +7,7 @@ from torch import nn
 
 from moceir.layers.adapter import MoCELayer
 from moceir.layers.attention import Attention, CrossAttention, FeedForward
-from moceir.layers.conv import DepthwiseConv2d
+from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
 from moceir.layers.norm import LayerNorm2d
 
 
@@ -31,7 +31,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int, ffn_expansion: float, bias: bool, adapter: MoCELayer) -> None:
         super().__init__()
         self.norms = nn.ModuleList([LayerNorm2d(dim), LayerNorm2d(dim)])
-        self.proj = nn.ModuleList([nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)])
+        self.proj = nn.ModuleList([PointwiseConv2d(dim, dim), PointwiseConv2d(dim, dim)])
         self.shared = Attention(dim, heads, bias)
         self.mixer = CrossAttention(dim, heads, bias)
         self.ffn = FeedForward(dim, ffn_expansion, bias)

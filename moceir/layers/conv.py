@@ -1,28 +1,24 @@
-"""Depthwise convolution of the trunk, backed by ``moce_kernels.grouped_dwconv``."""
+"""The trunk's depthwise and 1x1 convolutions, backed by ``moce_kernels.grouped_dwconv`` and
+``moce_kernels.grouped_pointwise`` (one group each).
+
+Both keep ``nn.Conv2d``'s parameters and state-dict keys. With ``backend="auto"`` on a GPU each
+has two candidates, our kernel and cuDNN's; in benchmark mode (``torch.backends.cudnn.benchmark``)
+the first call of each shape times both and keeps the faster (:mod:`moceir.layers.tuning`),
+otherwise each runs its default: our depthwise kernel (cuDNN's bf16 depthwise 3x3 took 37% of a
+1080p frame on an H200) and cuDNN's 1x1 convolution.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from moce_kernels import grouped_dwconv
-from moce_kernels._backend import op_backend
+from moce_kernels import grouped_dwconv, grouped_pointwise
+from moce_kernels._backend import op_backend, resolve_backend
+from moceir.layers import tuning
 
 
-class DepthwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``: same parameters and state-dict keys.
-
-    With a fast backend the convolution runs as one group of ``grouped_dwconv`` (on a GPU
-    cuDNN's depthwise kernels are far from the memory roofline, in bf16 especially); with
-    ``backend="reference"`` it is the plain ``nn.Conv2d``.
-    """
-
-    def __init__(self, channels: int, kernel_size: int, bias: bool) -> None:
-        super().__init__(
-            channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias
-        )
-        self.backend = "auto"
-
+class _AutocastOperands:
     def autocast_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x, weight, bias) as nn.Conv2d would compute with them: under autocast, in the autocast
         dtype (differentiable casts: the float32 parameters get their gradients)."""
@@ -33,18 +29,116 @@ class DepthwiseConv2d(nn.Conv2d):
             bias = None if bias is None else bias.to(dtype)
         return x, weight, bias
 
+
+def _one_group(x: torch.Tensor) -> torch.Tensor:
+    """Offsets [0, N]: every row in one group, made on the device (no host-to-device copy, so
+    CUDA graphs can capture it)."""
+    return torch.arange(2, device=x.device) * x.shape[0]
+
+
+def _tuning_key(kind: str, x: torch.Tensor, conv: nn.Conv2d) -> tuple:
+    """What a timed choice depends on: the call's shapes, operand dtype (autocast's when on) and
+    device."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return (
+        kind,
+        tuple(x.shape),
+        dtype,
+        conv.out_channels,
+        conv.kernel_size[0],
+        conv.bias is not None,
+        x.device,
+    )
+
+
+class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
+    """``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``: same parameters and state-dict keys.
+
+    With a fast backend the convolution runs as one group of ``grouped_dwconv`` (on a GPU
+    cuDNN's depthwise kernels are far from the memory roofline, in bf16 especially; in benchmark
+    mode "auto" times both there); with ``backend="reference"`` it is the plain ``nn.Conv2d``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool) -> None:
+        super().__init__(
+            channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias
+        )
+        self.backend = "auto"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = op_backend("grouped_dwconv", self.backend)
-        x, weight, bias = self.autocast_operands(x)
-        if backend == "reference" or x.dim() != 4 or x.dtype != weight.dtype:
+        xc, weight, bias = self.autocast_operands(x)
+        if backend == "reference" or x.dim() != 4 or xc.dtype != weight.dtype:
             # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's
             # own behaviour and errors.
             return super().forward(x)
+        if (
+            backend == "auto"
+            and x.is_cuda
+            and resolve_backend("grouped_dwconv", "auto", x.device) != "reference"
+        ):
+            candidates = {
+                "kernel": lambda: self._kernel(xc, weight, bias, backend),
+                "cudnn": lambda: nn.Conv2d.forward(self, x),
+            }
+            if tuning.choose(_tuning_key("depthwise", x, self), candidates, "kernel", x) == "cudnn":
+                return super().forward(x)
+        return self._kernel(xc, weight, bias, backend)
+
+    def _kernel(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str
+    ) -> torch.Tensor:
         c, k = self.in_channels, self.kernel_size[0]
-        # offsets [0, N] made on the device: no host-to-device copy (CUDA-graph safe).
-        offsets = torch.arange(2, device=x.device) * x.shape[0]
         bias = None if bias is None else bias.view(1, c)
         with torch.autocast(x.device.type, enabled=False):
             return grouped_dwconv(
-                x.contiguous(), weight.view(1, c, k, k), bias, offsets, [c], [k], backend=backend
+                x.contiguous(), weight.view(1, c, k, k), bias, _one_group(x), [c], [k], backend=backend
+            )
+
+
+class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
+    """``nn.Conv2d(C_in, C_out, 1)``: same parameters and state-dict keys.
+
+    ``backend="triton"`` runs it as one group of ``grouped_pointwise`` (a GEMM over NCHW with
+    the bias in its store); "auto" on a GPU runs cuDNN's convolution, or in benchmark mode
+    whichever of the two its first call of a shape timed faster; the other backends (no C++ or
+    CUDA kernel of ours) run ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = op_backend("grouped_pointwise", self.backend)
+        if backend == "reference" or x.dim() != 4:
+            return super().forward(x)
+        if backend != "auto":
+            return self._kernel(*self.autocast_operands(x), backend)
+        if x.is_cuda and resolve_backend("grouped_pointwise", "auto", x.device) != "reference":
+            # The operands are cast only where the kernel runs (cuDNN's path casts its own).
+            def kernel():
+                return self._kernel(*self.autocast_operands(x), "auto")
+
+            candidates = {"cudnn": lambda: nn.Conv2d.forward(self, x), "kernel": kernel}
+            if tuning.choose(_tuning_key("pointwise", x, self), candidates, "cudnn", x) == "kernel":
+                return kernel()
+        return super().forward(x)
+
+    def _kernel(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str
+    ) -> torch.Tensor:
+        if x.dtype != weight.dtype:
+            return nn.Conv2d.forward(self, x)  # nn.Conv2d's own error
+        c_in, c_out = self.in_channels, self.out_channels
+        bias = None if bias is None else bias.view(1, c_out)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_pointwise(
+                x.contiguous(),
+                weight.view(1, c_out, c_in),
+                bias,
+                _one_group(x),
+                [c_in],
+                [c_out],
+                backend=backend,
             )

@@ -249,6 +249,28 @@ def test_model_providers_on_the_cpu():
     assert "triton" not in providers and "GPU" in unavailable["triton"]
     assert "cuda" not in providers
     assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
+    for tuned in (models.GRAPHED_TUNED_PROVIDER, models.AUTO_TUNED_PROVIDER):
+        assert tuned not in providers and "GPU only" in unavailable[tuned]
+
+
+def test_benchmark_mode_is_set_for_tuned_providers_only_and_reports_their_choices(monkeypatch):
+    from moceir.layers import tuning  # noqa: PLC0415
+
+    saved = torch.backends.cudnn.benchmark
+    assert models._backend_of(models.GRAPHED_TUNED_PROVIDER) == "auto"
+    assert models.is_graphed(models.GRAPHED_TUNED_PROVIDER) and not models.is_graphed("auto-tuned")
+    with models.benchmark_mode("auto") as report:
+        assert torch.backends.cudnn.benchmark == saved
+    assert report == {}
+    with models.benchmark_mode(models.AUTO_TUNED_PROVIDER) as report:
+        assert torch.backends.cudnn.benchmark
+        # what the layers would record: two 1x1 shapes (one each way), one depthwise shape
+        monkeypatch.setitem(tuning._CHOICES, ("pointwise", 1), "kernel")
+        monkeypatch.setitem(tuning._CHOICES, ("pointwise", 2), "cudnn")
+        monkeypatch.setitem(tuning._CHOICES, ("depthwise", 1), "kernel")
+    assert torch.backends.cudnn.benchmark == saved
+    assert report == {"pointwise": {"kernel": 1, "cudnn": 1}, "depthwise": {"kernel": 1}}
+    assert tuning.choices() == {}
 
 
 def test_a_provider_without_backward_still_gets_its_forward_timed(monkeypatch):
