@@ -59,9 +59,9 @@ OUTDIR=""
 # What runs the kernels on the GPU, the whole-model tests first (xdist hands tests out in
 # collection order): in 100 s the first H200 run got through 76% of all of tests/ops, whose
 # CPU-only files and cases (-k "not cpu") the GPU adds nothing to.
-TEST_PATHS="tests/model/test_backends_gpu.py tests/model/test_cuda_graphs_gpu.py
+TEST_PATHS="tests/model/test_backends_gpu.py tests/model/test_tuning_gpu.py tests/model/test_cuda_graphs_gpu.py
     tests/cli/test_train.py::test_cuda_graph_training_on_a_gpu_resumes_exactly_and_tracks_eager
-    tests/ops/test_expert_io_fusion.py
+    tests/ops/test_qk_gram.py tests/ops/test_expert_io_fusion.py
     tests/ops/test_compiled_messages.py tests/ops/test_*_compiled.py
     tests/ops/test_*_triton.py tests/ops/test_layernorm2d.py tests/ops/test_dwconv_gelu_gate.py"
 TEST_FILTER="not cpu"
@@ -348,7 +348,7 @@ if ((DRY_RUN)); then
 else
     # The graphed inference first: what its 30 ms are made of decides the issue's 3x target.
     PROFILE=("$PY" -m benchmarks.profile_step --device cuda --workloads inference,training
-        --providers graphed-auto,auto,reference)
+        --providers graphed-auto,graphed-auto-tuned,auto,reference)
 fi
 run_stage profile "${PROFILE[@]}" --output "$OUTDIR/results"
 run_stage bench-ops "${BENCH[@]}" --suite ops "${OPS_ARG[@]}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moce_kernels import grouped_dwconv, grouped_pointwise
-from moce_kernels._backend import op_backend, resolve_backend
+from moce_kernels._backend import op_backend, resolve_backend, triton_usable
 from moceir.layers import tuning
 
 
@@ -56,7 +56,8 @@ class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
 
     With a fast backend the convolution runs as one group of ``grouped_dwconv`` (on a GPU
     cuDNN's depthwise kernels are far from the memory roofline, in bf16 especially; in benchmark
-    mode "auto" times both there); with ``backend="reference"`` it is the plain ``nn.Conv2d``.
+    mode "auto" times our CUDA and Triton kernels and cuDNN's there); with
+    ``backend="reference"`` it is the plain ``nn.Conv2d``.
     """
 
     def __init__(self, channels: int, kernel_size: int, bias: bool) -> None:
@@ -81,8 +82,13 @@ class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
                 "kernel": lambda: self._kernel(xc, weight, bias, backend),
                 "cudnn": lambda: nn.Conv2d.forward(self, x),
             }
-            if tuning.choose(_tuning_key("depthwise", x, self), candidates, "kernel", x) == "cudnn":
+            if resolve_backend("grouped_dwconv", "auto", x.device) != "triton" and triton_usable()[0]:
+                # Our other kernel of the op: shapes differ in which of the two runs faster.
+                candidates["triton"] = lambda: self._kernel(xc, weight, bias, "triton")
+            chosen = tuning.choose(_tuning_key("depthwise", x, self), candidates, "kernel", x)
+            if chosen == "cudnn":
                 return super().forward(x)
+            backend = "triton" if chosen == "triton" else backend
         return self._kernel(xc, weight, bias, backend)
 
     def _kernel(

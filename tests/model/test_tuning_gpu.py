@@ -57,17 +57,20 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
         got = fast(x)
         kinds = {key[0] for key in tuning.choices()}
         assert kinds == {"pointwise", "depthwise"}
-        assert set(tuning.choices().values()) <= {"cudnn", "kernel"}
+        assert set(tuning.choices().values()) <= {"cudnn", "kernel", "triton"}
         monkeypatch.setattr(tuning, "_median_ms", _never_time)
         again = fast(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("forced", ["kernel", "cudnn"])
+@pytest.mark.parametrize("forced", ["kernel", "cudnn", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_either_choice_computes_the_reference_with_gradients(forced, dtype, monkeypatch):
-    monkeypatch.setattr(tuning, "choose", lambda key, candidates, default, x: forced)
+    # Where a layer has no such candidate (a 1x1 convolution has no "triton" one), its default.
+    monkeypatch.setattr(
+        tuning, "choose", lambda key, candidates, default, x: forced if forced in candidates else default
+    )
     ref, fast = _models()
     x = _x()
     outs = []
