@@ -7,8 +7,9 @@ call of a shape runs each candidate a few times on the current stream, and the f
 that shape from then on, in this process. With the switch off (PyTorch's default) they run their
 fixed default, so a run's numerics depend on nothing timed.
 
-No trial runs while a CUDA graph is being captured or while torch.compile traces: the default
-serves there unless an eager call (e.g. a graph's warm-up) already chose.
+No trial runs while a CUDA graph is being captured: the choice of an earlier eager call (a
+graph's warm-up) serves there, else the default. torch.compile always traces the default (the
+choices live in a Python dict that a compiled graph would not re-read).
 """
 
 from __future__ import annotations
