@@ -356,12 +356,39 @@ def models_section(run: Run, plot: str | None) -> list[str]:
                     ]
                 body.append(line)
         out += [f"#### {workload}", "", *_table(header, body), ""]
+        out += tuned_notes(groups[workload])
         if video:
             out += breakdown_tables(groups[workload])
     why = run.data.get("unavailable", {}).get("moce_ir_s") or {}
     if why:
         out += ["Not measured: " + "; ".join(f"{b}: {w}" for b, w in why.items()), ""]
     return out
+
+
+#: How the report names the layer kinds and candidates of benchmark mode (moceir.layers.tuning).
+_TUNED_NAMES = {
+    "pointwise": "1x1",
+    "depthwise": "depthwise",
+    "kernel": "ours",
+    "cudnn": "cuDNN",
+    "triton": "ours (Triton)",
+}
+
+
+def tuned_notes(groups: dict[tuple, dict[str, dict]]) -> list[str]:
+    """One line per benchmark-mode row: which candidate each layer kind's shapes chose."""
+    lines = []
+    for (case, precision, _), cells in groups.items():
+        for provider in provider_sort(cells):
+            choices = cells[provider].get("tuned_choices")
+            if not choices:
+                continue
+            parts = []
+            for kind, counts in sorted(choices.items()):
+                said = ", ".join(f"{_TUNED_NAMES.get(c, c)} {n}" for c, n in sorted(counts.items()))
+                parts.append(f"{_TUNED_NAMES.get(kind, kind)}: {said}")
+            lines.append(f"- {provider}, {case} {precision}: shapes per choice, " + "; ".join(parts))
+    return ["Benchmark-mode choices:", "", *lines, ""] if lines else []
 
 
 def breakdown_tables(groups: dict[tuple, dict[str, dict]], top: int = 12) -> list[str]:

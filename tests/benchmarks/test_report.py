@@ -212,3 +212,22 @@ def test_a_partial_rerun_adds_to_the_earlier_run(tmp_path: Path):
 )
 def test_a_graph_peak_that_left_out_its_pool_is_not_compared(provider: str, row: dict, shown: str):
     assert report._peak_mib(provider, row) == shown
+
+
+def test_benchmark_mode_choices_are_listed_per_row():
+    groups = {
+        ("b1.512x512", "bfloat16", None): {
+            "reference": {"status": "ok"},
+            "graphed-auto-tuned": {
+                "status": "ok",
+                "tuned_choices": {"pointwise": {"kernel": 7, "cudnn": 3}, "depthwise": {"triton": 2}},
+            },
+        }
+    }
+    lines = report.tuned_notes(groups)
+    assert lines[0] == "Benchmark-mode choices:"
+    assert lines[2] == (
+        "- graphed-auto-tuned, b1.512x512 bfloat16: shapes per choice, "
+        "depthwise: ours (Triton) 2; 1x1: cuDNN 3, ours 7"
+    )
+    assert report.tuned_notes({("c", "p", None): {"auto": {"status": "ok"}}}) == []
