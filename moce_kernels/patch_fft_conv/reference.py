@@ -9,7 +9,9 @@ import torch.nn.functional as F
 def _to_patches(t: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, C, H, W] -> zero-pad bottom/right to multiples of ``patch`` -> [B, C, h, w, p, p]."""
     b, c, height, width = t.shape
-    t = F.pad(t, (0, (-width) % patch, 0, (-height) % patch))
+    pad_w, pad_h = (-width) % patch, (-height) % patch
+    if pad_w or pad_h:  # F.pad copies even when it adds nothing
+        t = F.pad(t, (0, pad_w, 0, pad_h))
     hp, wp = t.shape[-2] // patch, t.shape[-1] // patch
     return t.view(b, c, hp, patch, wp, patch).permute(0, 1, 2, 4, 3, 5)
 

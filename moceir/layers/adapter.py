@@ -95,7 +95,7 @@ class MoCELayer(nn.Module):
         self.eval_noise = eval_noise
         self.backend = "auto"
         self.expert_path = "auto"
-        self._packed_experts: dict = {}  # the sync-free path's packed parameters, in eval
+        self._packed: dict = {}  # packed expert parameters kept between eval forwards (both paths)
         # The extra ModuleList level reproduces the official keys ``experts.<e>.0.*``.
         self.experts = nn.ModuleList(
             nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes, strict=True)
@@ -144,7 +144,7 @@ class MoCELayer(nn.Module):
         if self.uses_sync_free_path(x):
             # Dispatch and combine are fused into the experts' first and last convolutions.
             y = run_experts_grouped(
-                experts, x, shared, plan, self.expert_depth, self.backend, cache=self._packed_experts
+                experts, x, shared, plan, self.expert_depth, self.backend, cache=self._packed
             )
         else:
             rows = run_experts(
@@ -154,6 +154,7 @@ class MoCELayer(nn.Module):
                 plan.offsets,
                 self.expert_depth,
                 self.backend,
+                cache=self._packed,
             )
             y = combine(rows, plan, backend=op_backend("combine", self.backend))
         return self.proj_out(y)

@@ -16,6 +16,7 @@ from moce_kernels import grouped_dwconv, layernorm2d, pack_dwconv_weights, pack_
 from moce_kernels._backend import op_backend
 from moceir.layers.attention import depthwise
 from moceir.layers.norm import LayerNorm2d
+from moceir.layers.packing_cache import cached_packing
 
 
 class FFTAttention(nn.Module):
@@ -55,17 +56,30 @@ class ComplexityExpert(nn.Module):
         return self.proj[0].out_channels
 
 
-def _grouped_depthwise(
-    inputs: dict[int, torch.Tensor], convs: Sequence[nn.Conv2d], offsets: torch.Tensor, backend: str
-) -> dict[int, torch.Tensor]:
-    """Run expert e's depthwise conv ``convs[e]`` on ``inputs[e]``, all experts in one call."""
+def _packed_depthwise(convs: Sequence[nn.Conv2d], dtype: torch.dtype) -> tuple:
+    """(weight, bias, channels, kernel sizes) of every expert's depthwise conv, packed, in ``dtype``
+    (under autocast the activations may be bf16/fp16 while the parameters stay float32)."""
     weight, bias, channels, kernel_sizes = pack_dwconv_weights(
         [c.weight for c in convs], [c.bias for c in convs]
     )
-    packed = pack_rows(list(inputs.values()), weight.shape[1])  # [N, C_max, H, W]
-    # Under autocast the activations may be bf16/fp16 while the parameters stay float32.
-    weight = weight.to(packed.dtype)
-    bias = None if bias is None else bias.to(packed.dtype)
+    return weight.to(dtype), None if bias is None else bias.to(dtype), channels, kernel_sizes
+
+
+def _grouped_depthwise(
+    inputs: dict[int, torch.Tensor],
+    convs: Sequence[nn.Conv2d],
+    offsets: torch.Tensor,
+    backend: str,
+    cache: dict | None = None,
+    name: str = "depthwise",
+) -> dict[int, torch.Tensor]:
+    """Run expert e's depthwise conv ``convs[e]`` on ``inputs[e]``, all experts in one call; the
+    packed weights kept in ``cache`` under ``name`` between eval forwards."""
+    packed = pack_rows(list(inputs.values()), max(c.in_channels for c in convs))  # [N, C_max, H, W]
+    params = [p for c in convs for p in c.parameters()]
+    weight, bias, channels, kernel_sizes = cached_packing(
+        cache, name, params, packed.dtype, lambda: _packed_depthwise(convs, packed.dtype)
+    )
     out = grouped_dwconv(
         packed, weight, bias, offsets, channels, kernel_sizes, backend=op_backend("grouped_dwconv", backend)
     )
@@ -83,12 +97,14 @@ def run_experts(
     offsets: torch.Tensor,
     depth: int = 1,
     backend: str = "auto",
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """Apply expert e to rows ``offsets[e]:offsets[e + 1]`` of ``x`` / ``shared`` ([N, C, H, W]).
 
     Experts with no rows do not run. ``depth`` > 1 chains the expert on its own output (the
     official code re-processed the input instead; the two agree at depth 1). Reads the offsets
-    on the host once (the reference backend sizes each expert's batch with them).
+    on the host once (the reference backend sizes each expert's batch with them). ``cache``: a
+    dict owned by the caller for the packed depthwise weights (``moceir.layers.packing_cache``).
     """
     bounds = offsets.tolist()
     rows = {e: slice(bounds[e], bounds[e + 1]) for e in range(len(experts)) if bounds[e + 1] > bounds[e]}
@@ -100,11 +116,13 @@ def run_experts(
     for _ in range(depth):
         h = {e: experts[e].proj[0](f) for e, f in feats.items()}
         q = _grouped_depthwise(
-            {e: bodies[e].q(t) for e, t in h.items()}, [b.q_dwconv for b in bodies], offsets, backend
-        )
+            {e: bodies[e].q(t) for e, t in h.items()}, [b.q_dwconv for b in bodies], offsets, backend,
+            cache, "q_dwconv",
+        )  # fmt: skip
         kv = _grouped_depthwise(
-            {e: bodies[e].kv(t) for e, t in h.items()}, [b.kv_dwconv for b in bodies], offsets, backend
-        )
+            {e: bodies[e].kv(t) for e, t in h.items()}, [b.kv_dwconv for b in bodies], offsets, backend,
+            cache, "kv_dwconv",
+        )  # fmt: skip
         new_feats = {}
         for e, f in feats.items():
             body = bodies[e]

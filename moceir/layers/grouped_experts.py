@@ -33,6 +33,7 @@ from moce_kernels import (
 )
 from moce_kernels._backend import op_backend
 from moceir.layers.experts import ComplexityExpert
+from moceir.layers.packing_cache import cached_packing
 
 
 def _heads(tensors: Sequence[torch.Tensor], ranks: Sequence[int]) -> list[torch.Tensor]:
@@ -86,25 +87,11 @@ class _Grouped:
 def packed_experts(
     experts: Sequence[ComplexityExpert], dtype: torch.dtype, cache: dict | None = None
 ) -> _Grouped:
-    """The experts' parameters packed for the grouped ops, in ``dtype``.
-
-    With gradients on, packing is part of the autograd graph and runs at every forward. Without
-    (eval under ``no_grad`` / ``inference_mode``) the packed tensors go to ``cache`` and are
-    reused while no parameter was replaced or changed in place: an eager forward then skips the
-    ~15 small packing launches per adapter. Not while torch.compile traces (it fuses them), nor
-    while a CUDA graph is captured: the graph must pack at each replay, so that weights updated
-    in place between replays are the ones it uses.
-    """
-    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return _Grouped(experts, dtype)
-    # Checked after is_compiling, so that Dynamo never traces the capture query.
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return _Grouped(experts, dtype)
+    """The experts' parameters packed for the grouped ops, in ``dtype``; kept in ``cache`` between
+    eval forwards (``moceir.layers.packing_cache``): an eager forward then skips the ~15 small
+    packing launches per adapter."""
     params = [p for ex in experts for p in ex.parameters()]
-    key = (dtype, *((p.data_ptr(), p._version) for p in params))
-    if cache.get("key") != key:
-        cache["key"], cache["packed"] = key, _Grouped(experts, dtype)
-    return cache["packed"]
+    return cached_packing(cache, "sync_free", params, dtype, lambda: _Grouped(experts, dtype))
 
 
 def run_experts_grouped(

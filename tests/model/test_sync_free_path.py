@@ -118,18 +118,39 @@ def test_eval_reuses_packed_parameters_until_a_weight_changes():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         first = model(x)
-        packed = adapter._packed_experts["packed"]
+        packed = adapter._packed["sync_free"][1]
         torch.testing.assert_close(model(x), first, atol=0, rtol=0)
-        assert adapter._packed_experts["packed"] is packed, "a second eval forward packed again"
+        assert adapter._packed["sync_free"][1] is packed, "a second eval forward packed again"
         for ex in adapter.experts:
             ex[0].proj[2].weight.mul_(2)  # in place: the cache must notice
         changed = model(x)
-    assert adapter._packed_experts["packed"] is not packed
+    assert adapter._packed["sync_free"][1] is not packed
     torch.testing.assert_close(changed, model.set_expert_path("per_expert")(x).detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(changed, first)
+
+
+def test_per_expert_path_reuses_its_packed_depthwise_weights_in_eval():
+    model = _model().eval().set_expert_path("per_expert")
+    adapter = model.adapters()[0]
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        first = model(x)
+        packed = {name: adapter._packed[name][1] for name in ("q_dwconv", "kv_dwconv")}
+        torch.testing.assert_close(model(x), first, atol=0, rtol=0)
+        assert all(adapter._packed[name][1] is p for name, p in packed.items()), "packed again"
+        for ex in adapter.experts:
+            ex[0].body.kv_dwconv.weight.mul_(2)  # in place: the cache must notice
+        changed = model(x)
+        assert adapter._packed["q_dwconv"][1] is packed["q_dwconv"]
+        assert adapter._packed["kv_dwconv"][1] is not packed["kv_dwconv"]
+        for a in model.adapters():
+            a._packed.clear()
+        fresh = model(x)  # everything packed anew
+    torch.testing.assert_close(changed, fresh, atol=0, rtol=0)
     assert not torch.allclose(changed, first)
 
 
 def test_training_forward_packs_inside_the_autograd_graph():
     model = _model().train().set_expert_path("sync_free")
     model(torch.rand(2, 3, 16, 16))
-    assert not model.adapters()[0]._packed_experts, "a forward with gradients must not cache"
+    assert not model.adapters()[0]._packed, "a forward with gradients must not cache"
