@@ -743,13 +743,16 @@ def run_isolated(settings: dict, wl: Workload, provider: str, timeout_s: float, 
     child.close()
     status, payload, timed_out = None, None, False
     try:
-        if parent.poll(None if math.isinf(timeout_s) else max(timeout_s, 0.0)):
+        # poll is True for a message and for the end of the pipe (the process exited); False only
+        # when the time ran out. Decided by that, not by is_alive(): a process whose pipe just
+        # closed may not have been reaped yet, and a crash must not read as a timeout.
+        timed_out = not parent.poll(None if math.isinf(timeout_s) else max(timeout_s, 0.0))
+        if not timed_out:
             status, payload = parent.recv()
     except EOFError:  # the process ended without a word: it crashed
         pass
     finally:
-        if status is None and proc.is_alive():
-            timed_out = True
+        if timed_out and proc.is_alive():
             proc.terminate()
         proc.join(10)
         parent.close()
