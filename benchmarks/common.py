@@ -38,6 +38,7 @@ OPS = (
     "dwconv_gelu_gate",
     "grouped_dwconv",
     "grouped_layernorm2d",
+    "grouped_patch_fft_conv",
     "grouped_pointwise",
     "layernorm2d",
     "patch_fft_conv",

@@ -551,6 +551,40 @@ def bench_qk_gram(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def bench_grouped_patch_fft_conv(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The sync-free expert path's FFT product, every expert at its own patch size in one call
+    (k = 1; ranks C/8 .. C with patch sizes 4 .. 32 for C = ``sizes.expert_width``, at the widest
+    level's side), float32 result."""
+    rows = _spread(sizes.batch)
+    width, side = sizes.expert_width, sizes.levels[list(sizes.levels)[-1]][1]
+    ranks = [max(1, width // 8), max(1, width // 4), max(1, width // 2), width]
+    offsets = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], device=device)
+    q = _rand((sum(rows), width, side, side), device, dtype)
+    k = _rand((sum(rows), width, side, side), device, dtype)
+    # Each row reads its expert's channels of q and k and writes its whole float32 row (zeros
+    # past its rank); backward reads the gradient and both inputs there and writes both grads.
+    active = sum(n * r for n, r in zip(rows, ranks, strict=True)) * side * side
+    in_bytes, out_bytes = active * q.element_size(), q.numel() * 4
+    fl = sum(n * _fft_flops(r * side * side, p) for n, r, p in zip(rows, ranks, PATCH_SIZES, strict=True))
+    return [
+        Bench(
+            op="grouped_patch_fft_conv",
+            case=f"experts_c{width}.{side}px",
+            shape=list(q.shape),
+            forward=lambda p: moce_kernels.grouped_patch_fft_conv(
+                q, k, offsets, ranks, PATCH_SIZES, backend=p
+            ),
+            diff_outputs=lambda o: [o],
+            all_outputs=lambda o: [o],
+            inputs=[q, k],
+            bytes_moved=_with_full(
+                2 * in_bytes + out_bytes, 4 * active + 2 * in_bytes + 2 * q.numel() * q.element_size()
+            ),
+            flops=_full_flops(fl, 2 * fl),
+        )
+    ]
+
+
 SETUPS = {
     "route": bench_route,
     "dispatch": bench_dispatch,
@@ -560,6 +594,7 @@ SETUPS = {
     "dwconv_gelu_gate": bench_dwconv_gelu_gate,
     "grouped_dwconv": bench_grouped_dwconv,
     "grouped_layernorm2d": bench_grouped_layernorm2d,
+    "grouped_patch_fft_conv": bench_grouped_patch_fft_conv,
     "grouped_pointwise": bench_grouped_pointwise,
     "layernorm2d": bench_layernorm2d,
     "patch_fft_conv": bench_patch_fft_conv,

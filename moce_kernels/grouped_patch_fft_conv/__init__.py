@@ -10,6 +10,7 @@ from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels._grouping import check_channels, check_offsets_on_host
 from moce_kernels.grouped_patch_fft_conv.reference import grouped_patch_fft_conv_reference
+from moce_kernels.patch_fft_conv import TRITON_PATCH_SIZES, TRITON_TENSOR_CORE_DTYPES
 
 __all__ = ["grouped_patch_fft_conv", "grouped_patch_fft_conv_reference"]
 
@@ -32,9 +33,12 @@ def grouped_patch_fft_conv(
         offsets: [E + 1] int64 / int32 row offsets on q's device (``RoutingPlan.offsets``).
         channels: E ints in 1..C_max.
         patch_sizes: E ints >= 1 (the experts use 4, 8, 16, 32).
-        backend: "auto" or "reference" (torch.fft over routing-independent shapes, no host read:
-            one FFT pass per distinct patch size). No kernel of its own yet: a model on another
-            backend runs the reference for this op.
+        backend: "auto" (on a GPU the Triton kernel for 16-bit inputs and patch sizes dividing
+            32, else the reference), "reference" (torch.fft over routing-independent shapes, no
+            host read: one FFT pass per distinct patch size) or "triton" (each row at its own
+            patch size only, as dense DFTs on [32, 32] tiles: q and k read once, the result
+            written once; 16-bit inputs on TF32 tensor cores, ~1e-3 of the output's scale from
+            the reference; float32 products otherwise). No C++ / CUDA kernel.
 
     Returns:
         [N, C_max, H, W] float32; channels past ``channels[e]`` of expert e's rows are zeros.
@@ -61,6 +65,12 @@ def grouped_patch_fft_conv(
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         check_offsets_on_host(offsets, q.shape[0])
     chosen = resolve_backend("grouped_patch_fft_conv", backend, q.device)
+    if (
+        chosen == "triton"
+        and backend == "auto"
+        and not (q.dtype in TRITON_TENSOR_CORE_DTYPES and all(p in TRITON_PATCH_SIZES for p in patch_sizes))
+    ):
+        chosen = "reference"  # float32 inputs (the kernel spills there) or patch sizes it lacks
     if chosen == "reference":
         return grouped_patch_fft_conv_reference(q, k, offsets, channels, patch_sizes)
     return implementation("grouped_patch_fft_conv", chosen)(q, k, offsets, list(channels), list(patch_sizes))

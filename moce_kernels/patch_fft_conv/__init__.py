@@ -10,6 +10,11 @@ from moce_kernels.patch_fft_conv.reference import patch_fft_conv_reference
 
 __all__ = ["patch_fft_conv", "patch_fft_conv_reference"]
 
+#: What the Triton kernel (``grouped_patch_fft_conv``'s, shared) takes: patch sizes dividing its
+#: 32 x 32 tiles; the dtypes whose products run on the tensor cores (what "auto" sends to it).
+TRITON_PATCH_SIZES = (1, 2, 4, 8, 16, 32)
+TRITON_TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str = "auto") -> torch.Tensor:
     """Circular convolution of ``q`` and ``k`` inside each ``patch`` x ``patch`` patch.
@@ -18,7 +23,9 @@ def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str
         q, k: [B, C, H, W] float tensors of equal shape; zero-padded at the bottom/right to
             multiples of ``patch`` before being cut into patches.
         patch: patch size >= 1 (the experts use 4, 8, 16, 32).
-        backend: "auto", "reference", "triton", "cpu" or "cuda" (see ``moce_kernels.BACKENDS``).
+        backend: "auto" (on a GPU the Triton kernel for 16-bit inputs and patch sizes dividing
+            32, else the reference), "reference" (torch.fft) or "triton" (dense DFTs on [32, 32]
+            tiles, ``grouped_patch_fft_conv``'s kernel with one group). No C++ / CUDA kernel.
 
     Returns:
         [B, C, H, W] float32 (the FFTs run in float32 whatever the input dtype).
@@ -32,6 +39,12 @@ def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise ValueError(f"patch must be an int >= 1, got {patch!r}")
     chosen = resolve_backend("patch_fft_conv", backend, q.device)
+    if (
+        chosen == "triton"
+        and backend == "auto"
+        and not (q.dtype in TRITON_TENSOR_CORE_DTYPES and patch in TRITON_PATCH_SIZES)
+    ):
+        chosen = "reference"  # float32 inputs (the kernel spills there) or a patch size it lacks
     if chosen == "reference":
         return patch_fft_conv_reference(q, k, patch)
     return implementation("patch_fft_conv", chosen)(q, k, patch)
