@@ -41,8 +41,11 @@ def channel_attention(
         # max(|x|, eps) as F.normalize divides by (eps 1e-12).
         q_norm = q_sq.sqrt().clamp_min(1e-12).unsqueeze(-1)
         k_norm = k_sq.sqrt().clamp_min(1e-12).unsqueeze(-2)
-        attn = gram / (q_norm * k_norm) * temperature
-    elif fold_norms:
+        # The map comes in float32: back to v's dtype for attn @ v (a bf16 model computes it in
+        # bf16, as the matmul form does; autocast would cast the same way).
+        attn = (gram / (q_norm * k_norm) * temperature).softmax(dim=-1).to(v.dtype)
+        return (attn @ v).reshape(b, c, h, w)
+    if fold_norms:
         # max(|x|, eps) as F.normalize divides by (eps 1e-12).
         q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
         k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)

@@ -142,3 +142,16 @@ def test_who_uses_the_gram_kernel(monkeypatch):
         calls.clear()
         module(x)
         assert calls == ["triton"]
+
+
+def test_gram_kernel_path_in_a_bf16_model_returns_bf16():
+    """A model cast to bf16 (no autocast): the float32 map goes back to v's dtype for attn @ v."""
+    usable, why = triton_usable()
+    if not usable:
+        pytest.skip(why)
+    q, k, v, heads, t = _inputs(torch.float32, c=8, h=5, w=7, heads=2)
+    q, k, v, t = (a.detach() for a in (q, k, v, t))
+    want = channel_attention(q, k, v, heads, t)
+    got = channel_attention(*(a.bfloat16() for a in (q, k, v)), heads, t.bfloat16(), True, "triton")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
