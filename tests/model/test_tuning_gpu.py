@@ -61,7 +61,7 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
         monkeypatch.setattr(tuning, "_median_ms", _never_time)
         again = fast(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    torch.testing.assert_close(again, got)  # same choices (cuDNN's algorithms may add atomics)
 
 
 @pytest.mark.parametrize("forced", ["kernel", "cudnn", "triton"])
