@@ -129,6 +129,8 @@ def grouped_patch_fft_conv_fwd_kernel(
             tl.store(out_ptr + plane + offs, out, mask=mask)
 
 
+# The backward repeats the forward's prologue on purpose: the same lines moved into a shared
+# @triton.jit helper made ptxas spill 16 bytes in the backward (sm_90, Triton 3.8).
 @triton.jit
 def grouped_patch_fft_conv_bwd_kernel(
     g_ptr,  # [N, C_MAX, H, W] float32 gradient of the output
