@@ -10,7 +10,7 @@ from moce_kernels._backend import implementation, resolve_backend
 from moce_kernels._checks import FLOAT_DTYPES, check_shape, check_tensor
 from moce_kernels._grouping import check_channels, check_offsets_on_host
 from moce_kernels.grouped_patch_fft_conv.reference import grouped_patch_fft_conv_reference
-from moce_kernels.patch_fft_conv import TRITON_PATCH_SIZES, TRITON_TENSOR_CORE_DTYPES
+from moce_kernels.patch_fft_conv import auto_takes_triton
 
 __all__ = ["grouped_patch_fft_conv", "grouped_patch_fft_conv_reference"]
 
@@ -65,12 +65,8 @@ def grouped_patch_fft_conv(
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         check_offsets_on_host(offsets, q.shape[0])
     chosen = resolve_backend("grouped_patch_fft_conv", backend, q.device)
-    if (
-        chosen == "triton"
-        and backend == "auto"
-        and not (q.dtype in TRITON_TENSOR_CORE_DTYPES and all(p in TRITON_PATCH_SIZES for p in patch_sizes))
-    ):
-        chosen = "reference"  # float32 inputs (the kernel spills there) or patch sizes it lacks
+    if chosen == "triton" and backend == "auto" and not auto_takes_triton(q.dtype, patch_sizes):
+        chosen = "reference"
     if chosen == "reference":
         return grouped_patch_fft_conv_reference(q, k, offsets, channels, patch_sizes)
     return implementation("grouped_patch_fft_conv", chosen)(q, k, offsets, list(channels), list(patch_sizes))

@@ -301,6 +301,5 @@ def grouped_patch_fft_conv_triton(
     q: torch.Tensor, k: torch.Tensor, offsets: torch.Tensor, channels: list[int], patch_sizes: list[int]
 ) -> torch.Tensor:
     """``moce_kernels.grouped_patch_fft_conv`` with the Triton kernels (a GPU, or the interpreter);
-    arguments validated by the public function, patch sizes dividing 32."""
-    check_patch_sizes(patch_sizes)
+    arguments validated by the public function; patch sizes dividing 32 (checked by the op)."""
     return torch.ops.moce_triton.grouped_patch_fft_conv_fwd(q, k, offsets, list(channels), list(patch_sizes))

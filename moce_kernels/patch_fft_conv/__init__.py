@@ -16,6 +16,13 @@ TRITON_PATCH_SIZES = (1, 2, 4, 8, 16, 32)
 TRITON_TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def auto_takes_triton(dtype: torch.dtype, patch_sizes) -> bool:
+    """Whether backend "auto", having resolved to Triton, runs the kernel for inputs of ``dtype``
+    at ``patch_sizes``: 16-bit inputs (float32 spills there) and sizes dividing its tiles; else
+    the reference (cuFFT)."""
+    return dtype in TRITON_TENSOR_CORE_DTYPES and all(p in TRITON_PATCH_SIZES for p in patch_sizes)
+
+
 def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str = "auto") -> torch.Tensor:
     """Circular convolution of ``q`` and ``k`` inside each ``patch`` x ``patch`` patch.
 
@@ -39,12 +46,8 @@ def patch_fft_conv(q: torch.Tensor, k: torch.Tensor, patch: int, *, backend: str
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise ValueError(f"patch must be an int >= 1, got {patch!r}")
     chosen = resolve_backend("patch_fft_conv", backend, q.device)
-    if (
-        chosen == "triton"
-        and backend == "auto"
-        and not (q.dtype in TRITON_TENSOR_CORE_DTYPES and patch in TRITON_PATCH_SIZES)
-    ):
-        chosen = "reference"  # float32 inputs (the kernel spills there) or a patch size it lacks
+    if chosen == "triton" and backend == "auto" and not auto_takes_triton(q.dtype, (patch,)):
+        chosen = "reference"
     if chosen == "reference":
         return patch_fft_conv_reference(q, k, patch)
     return implementation("patch_fft_conv", chosen)(q, k, patch)

@@ -27,8 +27,7 @@ def make_backward(qk_gram_bwd: Callable[..., Any]) -> Callable[..., Any]:
             grad_q_sq = q.new_zeros(q.shape[:3], dtype=acc)
         if grad_k_sq is None:
             grad_k_sq = q.new_zeros(q.shape[:3], dtype=acc)
-        grads = (g.contiguous() for g in (grad_gram, grad_q_sq, grad_k_sq))
-        grad_q, grad_k = qk_gram_bwd(*grads, q, k)
+        grad_q, grad_k = qk_gram_bwd(grad_gram, grad_q_sq, grad_k_sq, q, k)  # made contiguous there
         need_q, need_k = ctx.needs_input_grad
         return (grad_q if need_q else None, grad_k if need_k else None)
 

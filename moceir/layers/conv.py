@@ -73,16 +73,13 @@ class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
             # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's
             # own behaviour and errors.
             return super().forward(x)
-        if (
-            backend == "auto"
-            and x.is_cuda
-            and resolve_backend("grouped_dwconv", "auto", x.device) != "reference"
-        ):
+        resolved = resolve_backend("grouped_dwconv", "auto", x.device) if backend == "auto" else backend
+        if backend == "auto" and x.is_cuda and resolved != "reference" and tuning.in_use(x):
             candidates = {
                 "kernel": lambda: self._kernel(xc, weight, bias, backend),
                 "cudnn": lambda: nn.Conv2d.forward(self, x),
             }
-            if resolve_backend("grouped_dwconv", "auto", x.device) != "triton" and triton_usable()[0]:
+            if resolved != "triton" and triton_usable()[0]:
                 # Our other kernel of the op: shapes differ in which of the two runs faster.
                 candidates["triton"] = lambda: self._kernel(xc, weight, bias, "triton")
             chosen = tuning.choose(_tuning_key("depthwise", x, self), candidates, "kernel", x)
@@ -121,7 +118,11 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
             return super().forward(x)
         if backend != "auto":
             return self._kernel(*self.autocast_operands(x), backend)
-        if x.is_cuda and resolve_backend("grouped_pointwise", "auto", x.device) != "reference":
+        if (
+            x.is_cuda
+            and tuning.in_use(x)
+            and resolve_backend("grouped_pointwise", "auto", x.device) != "reference"
+        ):
             # The operands are cast only where the kernel runs (cuDNN's path casts its own).
             def kernel():
                 return self._kernel(*self.autocast_operands(x), "auto")

@@ -32,6 +32,15 @@ def enabled(x: torch.Tensor) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
+def in_use(x: torch.Tensor) -> bool:
+    """Whether a layer's call on ``x`` needs :func:`choose` at all: a choice was made earlier or
+    one can be timed now. Lets the layers skip building the key and candidates at every call
+    while benchmark mode is off (the eager forward is host-bound on a GPU)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(_CHOICES) or enabled(x)
+
+
 def choose(
     key: Hashable, candidates: Mapping[str, Callable[[], object]], default: str, x: torch.Tensor
 ) -> str:
