@@ -69,7 +69,12 @@ class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = op_backend("grouped_dwconv", self.backend)
         xc, weight, bias = self.autocast_operands(x)
-        if backend == "reference" or x.dim() != 4 or xc.dtype != weight.dtype:
+        if (
+            backend == "reference"
+            or x.dim() != 4
+            or x.shape[1] != self.in_channels
+            or xc.dtype != weight.dtype
+        ):
             # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's
             # own behaviour and errors.
             return super().forward(x)
@@ -114,8 +119,8 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = op_backend("grouped_pointwise", self.backend)
-        if backend == "reference" or x.dim() != 4:
-            return super().forward(x)
+        if backend == "reference" or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return super().forward(x)  # and nn.Conv2d's own errors for inputs it does not take
         if backend != "auto":
             return self._kernel(*self.autocast_operands(x), backend)
         if (

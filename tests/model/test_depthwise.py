@@ -56,3 +56,9 @@ def test_autocast_runs_the_kernel_in_the_autocast_dtype():
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     got.float().sum().backward()
     assert fast.weight.grad is not None and fast.weight.grad.dtype == torch.float32
+
+
+def test_wrong_channel_count_gets_conv2d_error():
+    _, fast = _pair(5, 3, True)
+    with pytest.raises(RuntimeError, match="to have 5 channels"):
+        fast(torch.randn(2, 4, 8, 8))

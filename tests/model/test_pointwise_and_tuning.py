@@ -108,3 +108,21 @@ def test_choose_keeps_the_fastest_per_key(monkeypatch):
     assert tuning.choices() == {"key": "fast"}
     tuning.reset()
     assert tuning.choose("key", candidates, "fast", x) == "slow"
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
+def test_wrong_input_is_named(backend):
+    """A wrong channel count or rank: a clear error, on our kernel's path as on nn.Conv2d's."""
+    conv = PointwiseConv2d(4, 6)
+    conv.backend = backend
+    with pytest.raises(RuntimeError, match="to have 4 channels"):
+        conv(torch.randn(2, 5, 3, 3))
+    with pytest.raises(RuntimeError, match="4D .batched. input"):
+        conv(torch.randn(2, 4, 3, 3, 1))
+
+
+def test_in_use_only_with_a_choice_or_benchmark_mode(monkeypatch):
+    x = torch.zeros(1)
+    assert not tuning.in_use(x)  # a CPU tensor, no choice made
+    monkeypatch.setitem(tuning._CHOICES, "key", "cudnn")
+    assert tuning.in_use(x)
