@@ -28,7 +28,11 @@ class _Combine(torch.autograd.Function):
         batch, k = gates.shape
         acc = _acc_dtype(y, gates)
         rows = y.index_select(0, inverse).view(batch, k, *y.shape[1:])  # [B, k, ...]
-        out = (rows.to(acc) * _expand(gates.to(acc), y)).sum(1).to(y.dtype)
+        out = (rows.to(acc) * _expand(gates.to(acc), y)).sum(1)
+        # No no-op .to() on the output: under torch.compile (torch 2.11, Dynamo + AOTAutograd) an
+        # autograd.Function whose forward returns `t.to(t.dtype)` gets all-zero input gradients.
+        if out.dtype != y.dtype:
+            out = out.to(y.dtype)
         ctx.save_for_backward(y, gates, inverse, sorted_slots)
         return out
 

@@ -52,8 +52,8 @@ TILE = 32
 SUPPORTED_PATCH_SIZES = TRITON_PATCH_SIZES
 assert all(TILE % p == 0 for p in SUPPORTED_PATCH_SIZES)
 #: Channels per program of the forward / backward (looped, sharing the DFT matrices it loaded).
-#: ptxas on sm_90 (Triton 3.6, 8 warps, TF32 products): the forward ~240 registers with 4, the
-#: backward (three transforms live) 255 with 1 and spills with 4.
+#: ptxas on sm_90 (8 warps, TF32 products, bf16): the forward 230 registers with 4 channels; the
+#: backward 255 with 1, no spill with Triton 3.8 and one 8-byte slot with Triton 3.6.
 _FWD_CHANNELS = 4
 _BWD_CHANNELS = 1
 _NUM_WARPS = 8
@@ -70,19 +70,27 @@ def _dot(a, b, P: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, P: tl.constexpr):
+    """``acc + a b``, accumulated in the product's registers (one tile fewer live than a sum)."""
+    return tl.dot(a, b, acc=acc, input_precision=P)
+
+
+@triton.jit
 def _dft(x, cm, sm, P: tl.constexpr):
-    """(Re, Im) of ``F x F`` for F = C - iS (each p x p block of x on its own)."""
+    """(Re, Im) of ``F x F`` for F = C - iS (each p x p block of x on its own):
+    ``Re = T1 C - T2 S``, ``Im = -T1 S - T2 C`` with ``T1 = C x``, ``T2 = S x``."""
     t1 = _dot(cm, x, P)
-    t2 = _dot(sm, x, P)
-    return _dot(t1, cm, P) - _dot(t2, sm, P), -(_dot(t1, sm, P) + _dot(t2, cm, P))
+    t2n = -_dot(sm, x, P)  # -T2: the sums below then accumulate without a subtraction
+    return _dot_acc(t2n, sm, _dot(t1, cm, P), P), _dot_acc(t2n, cm, -_dot(t1, sm, P), P)
 
 
 @triton.jit
 def _idft_real(pr, pi, cm, sm, scale, P: tl.constexpr):
-    """Re of ``conj(F) (pr + i pi) conj(F)``, times ``scale`` (1 / p^2)."""
-    a = _dot(cm, pr, P) - _dot(sm, pi, P)
-    b = _dot(sm, pr, P) + _dot(cm, pi, P)
-    return (_dot(a, cm, P) - _dot(b, sm, P)) * scale
+    """Re of ``conj(F) (pr + i pi) conj(F)``, times ``scale`` (1 / p^2):
+    ``(a C - b S) scale`` with ``a = C pr - S pi``, ``b = S pr + C pi``."""
+    a = _dot_acc(cm, pr, -_dot(sm, pi, P), P)
+    b = _dot_acc(cm, pi, _dot(sm, pr, P), P)
+    return _dot_acc(a, cm, -_dot(b, sm, P), P) * scale
 
 
 @triton.jit
@@ -158,20 +166,23 @@ def grouped_patch_fft_conv_bwd_kernel(
         if c < C_MAX:
             plane = (row * C_MAX + c) * H * W
             if c < c_e:
+                # G conj(K) and G conj(Q): the correlations of g with k and with q. Each input's
+                # transform is made just before the product that needs it, so that only four
+                # spectra are live at once (six spilled 32 bytes with Triton 3.6 on sm_90).
                 g = tl.load(g_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(q_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(k_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
                 gr, gi = _dft(g, cm, sm, PRECISION)
-                xr, xi = _dft(x, cm, sm, PRECISION)
+                y = tl.load(k_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
                 yr, yi = _dft(y, cm, sm, PRECISION)
-                # G conj(K) and G conj(Q): the correlations of g with k and with q.
                 grad_q = _idft_real(gr * yr + gi * yi, gi * yr - gr * yi, cm, sm, scale, PRECISION)
+                tl.store(gq_ptr + plane + offs, grad_q.to(gq_ptr.dtype.element_ty), mask=mask)
+                x = tl.load(q_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
+                xr, xi = _dft(x, cm, sm, PRECISION)
                 grad_k = _idft_real(gr * xr + gi * xi, gi * xr - gr * xi, cm, sm, scale, PRECISION)
+                tl.store(gk_ptr + plane + offs, grad_k.to(gk_ptr.dtype.element_ty), mask=mask)
             else:
-                grad_q = tl.zeros([TILE, TILE], dtype=tl.float32)
-                grad_k = tl.zeros([TILE, TILE], dtype=tl.float32)
-            tl.store(gq_ptr + plane + offs, grad_q.to(gq_ptr.dtype.element_ty), mask=mask)
-            tl.store(gk_ptr + plane + offs, grad_k.to(gk_ptr.dtype.element_ty), mask=mask)
+                zeros = tl.zeros([TILE, TILE], dtype=tl.float32)
+                tl.store(gq_ptr + plane + offs, zeros.to(gq_ptr.dtype.element_ty), mask=mask)
+                tl.store(gk_ptr + plane + offs, zeros.to(gk_ptr.dtype.element_ty), mask=mask)
 
 
 # --- host launchers ------------------------------------------------------------------------------

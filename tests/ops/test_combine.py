@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 
 from moce_kernels import combine, route
+from moce_kernels.combine.reference import combine_reference
 from tests.ops._helpers import PATTERNS, routed_images
 
 #: (E, k) for E in {1, 4, 5} and k = 1..E.
@@ -212,3 +213,24 @@ def test_property_combine_matches_loop(make_routing, expert_order, case):
     y = torch.randn(batch * k, 2, case["height"], case["width"], generator=g)
     gates = torch.rand(batch, k, generator=g)
     check_against_loop(y, gates, plan, expert_order, atol=1e-5, rtol=1.3e-6)
+
+
+@pytest.mark.parametrize("gates_need_grad", [False, True], ids=["plan-gates", "gates-with-grad"])
+def test_reference_gradients_under_torch_compile(gates_need_grad):
+    """The reference's autograd.Function (what the public op runs for it) traced by Dynamo + AOTAutograd gives eager's gradients.
+    Its forward once returned ``out.to(out.dtype)`` (a no-op): with torch 2.11 the compiled
+    gradients of y were then all zeros (the model's compiled gradients wrong; 2.14 was right)."""
+    torch.manual_seed(0)
+    plan = route(torch.randn(3, 4), 2, None, backend="reference")
+    y = torch.randn(6, 5, requires_grad=True)
+    gates = plan.gates.clone().requires_grad_(gates_need_grad)
+    inputs = (y, gates) if gates_need_grad else (y,)
+
+    def loss(y, gates):
+        return combine_reference(y, plan, gates).square().sum()  # no host-side plan checks
+
+    want = torch.autograd.grad(loss(y, gates), inputs)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(y, gates), inputs)
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
