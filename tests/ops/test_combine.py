@@ -217,9 +217,10 @@ def test_property_combine_matches_loop(make_routing, expert_order, case):
 
 @pytest.mark.parametrize("gates_need_grad", [False, True], ids=["plan-gates", "gates-with-grad"])
 def test_reference_gradients_under_torch_compile(gates_need_grad):
-    """The reference's autograd.Function (what the public op runs for it) traced by Dynamo + AOTAutograd gives eager's gradients.
-    Its forward once returned ``out.to(out.dtype)`` (a no-op): with torch 2.11 the compiled
-    gradients of y were then all zeros (the model's compiled gradients wrong; 2.14 was right)."""
+    """The reference's autograd.Function (what the public op runs for it) traced by Dynamo +
+    AOTAutograd gives eager's gradients. Its forward once returned ``out.to(out.dtype)`` (a
+    no-op): with torch 2.11 the compiled gradients of y were then all zeros (the model's compiled
+    gradients wrong; 2.14 was right)."""
     torch.manual_seed(0)
     plan = route(torch.randn(3, 4), 2, None, backend="reference")
     y = torch.randn(6, 5, requires_grad=True)
