@@ -80,7 +80,11 @@ def _dft(x, cm, sm, P: tl.constexpr):
     """(Re, Im) of ``F x F`` for F = C - iS (each p x p block of x on its own):
     ``Re = T1 C - T2 S``, ``Im = -T1 S - T2 C`` with ``T1 = C x``, ``T2 = S x``."""
     t1 = _dot(cm, x, P)
-    t2n = -_dot(sm, x, P)  # -T2: the sums below then accumulate without a subtraction
+    if P == "ieee":
+        # CUDA-core products: separate products and sums spill less than accumulating chains.
+        t2 = _dot(sm, x, P)
+        return _dot(t1, cm, P) - _dot(t2, sm, P), -(_dot(t1, sm, P) + _dot(t2, cm, P))
+    t2n = -_dot(sm, x, P)  # -T2: the sums below then accumulate in the mma, no subtraction
     return _dot_acc(t2n, sm, _dot(t1, cm, P), P), _dot_acc(t2n, cm, -_dot(t1, sm, P), P)
 
 
@@ -88,6 +92,10 @@ def _dft(x, cm, sm, P: tl.constexpr):
 def _idft_real(pr, pi, cm, sm, scale, P: tl.constexpr):
     """Re of ``conj(F) (pr + i pi) conj(F)``, times ``scale`` (1 / p^2):
     ``(a C - b S) scale`` with ``a = C pr - S pi``, ``b = S pr + C pi``."""
+    if P == "ieee":
+        a = _dot(cm, pr, P) - _dot(sm, pi, P)
+        b = _dot(sm, pr, P) + _dot(cm, pi, P)
+        return (_dot(a, cm, P) - _dot(b, sm, P)) * scale
     a = _dot_acc(cm, pr, -_dot(sm, pi, P), P)
     b = _dot_acc(cm, pi, _dot(sm, pr, P), P)
     return _dot_acc(a, cm, -_dot(b, sm, P), P) * scale
@@ -166,18 +174,28 @@ def grouped_patch_fft_conv_bwd_kernel(
         if c < C_MAX:
             plane = (row * C_MAX + c) * H * W
             if c < c_e:
-                # G conj(K) and G conj(Q): the correlations of g with k and with q. Each input's
-                # transform is made just before the product that needs it, so that only four
-                # spectra are live at once (six spilled 32 bytes with Triton 3.6 on sm_90).
+                # G conj(K) and G conj(Q): the correlations of g with k and with q. The order
+                # is chosen per kind of product, for the fewest spills on sm_90.
                 g = tl.load(g_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
-                gr, gi = _dft(g, cm, sm, PRECISION)
                 y = tl.load(k_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
-                yr, yi = _dft(y, cm, sm, PRECISION)
-                grad_q = _idft_real(gr * yr + gi * yi, gi * yr - gr * yi, cm, sm, scale, PRECISION)
-                tl.store(gq_ptr + plane + offs, grad_q.to(gq_ptr.dtype.element_ty), mask=mask)
-                x = tl.load(q_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
-                xr, xi = _dft(x, cm, sm, PRECISION)
-                grad_k = _idft_real(gr * xr + gi * xi, gi * xr - gr * xi, cm, sm, scale, PRECISION)
+                gr, gi = _dft(g, cm, sm, PRECISION)
+                if PRECISION == "ieee":
+                    # CUDA-core products: all three spectra first, both results stored last.
+                    x = tl.load(q_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
+                    xr, xi = _dft(x, cm, sm, PRECISION)
+                    yr, yi = _dft(y, cm, sm, PRECISION)
+                    grad_q = _idft_real(gr * yr + gi * yi, gi * yr - gr * yi, cm, sm, scale, PRECISION)
+                    grad_k = _idft_real(gr * xr + gi * xi, gi * xr - gr * xi, cm, sm, scale, PRECISION)
+                    tl.store(gq_ptr + plane + offs, grad_q.to(gq_ptr.dtype.element_ty), mask=mask)
+                else:
+                    # Tensor cores: grad_q stored before q's spectrum is made, so that four
+                    # spectra are live at once, not six (which spilled 32 bytes with Triton 3.6).
+                    yr, yi = _dft(y, cm, sm, PRECISION)
+                    grad_q = _idft_real(gr * yr + gi * yi, gi * yr - gr * yi, cm, sm, scale, PRECISION)
+                    tl.store(gq_ptr + plane + offs, grad_q.to(gq_ptr.dtype.element_ty), mask=mask)
+                    x = tl.load(q_ptr + plane + offs, mask=mask, other=0.0).to(tl.float32)
+                    xr, xi = _dft(x, cm, sm, PRECISION)
+                    grad_k = _idft_real(gr * xr + gi * xi, gi * xr - gr * xi, cm, sm, scale, PRECISION)
                 tl.store(gk_ptr + plane + offs, grad_k.to(gk_ptr.dtype.element_ty), mask=mask)
             else:
                 zeros = tl.zeros([TILE, TILE], dtype=tl.float32)
