@@ -28,6 +28,10 @@ experts' gradients to None so that AdamW leaves them untouched (as the official 
 ``GraphedTrainStep`` puts their weights and optimizer state back after the step, from the
 routing counts on the device (``skip_unused_experts=True``, the default). The per-step loss is
 a device tensor (reading it synchronises).
+
+Several processes (``process_group``): the step averages the gradients and sums the routing
+counts over the group's ranks itself, with collectives inside the step (NCCL's are captured in
+the graph), as DistributedDataParallel would; DDP's own hooks are not used.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .layers.adapter import MoCELayer
@@ -289,6 +294,22 @@ class GraphedInference:
         return out.clone() if copy_output and self.graph is not None else out
 
 
+def _average_gradients(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Each gradient := its mean over the group's ranks, one all-reduce per dtype (a flat copy).
+    Every rank holds the same list: on the sync-free path every parameter gets a gradient,
+    whatever the routing."""
+    world = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        for g, part in zip(same, flat.split([g.numel() for g in same]), strict=True):
+            g.copy_(part.view_as(g))
+
+
 class GraphedTrainStep:
     """One training step (forward, loss, backward, optimizer step) captured in a CUDA graph.
 
@@ -308,6 +329,12 @@ class GraphedTrainStep:
     ``skip_unused_experts``: leave the weights and optimizer state of experts that no image
     chose as they were (eager semantics, see the module's docstring); False lets the optimizer
     update them from zero gradients (a little less work).
+
+    ``process_group``: a ``torch.distributed`` process group whose ranks each run this step on
+    their own batch (data parallel; the same model and optimizer state on every rank): after the
+    backward the gradients are averaged over the ranks and the routing counts summed (an expert
+    is unused when no rank's image chose it), one all-reduce per gradient dtype, inside the
+    step. None: one process.
 
     ``capture=False`` runs the very same step eagerly at each call, with no graph (and no CUDA,
     capturable optimizer or warm-up needed): to debug a captured step against it, and how
@@ -332,9 +359,12 @@ class GraphedTrainStep:
         capture: bool = True,
         accumulation: int = 1,
         loss_scaler: DeviceLossScaler | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if capture:
             _check_model(model, "GraphedTrainStep")
+        if process_group is not None and not dist.is_initialized():
+            raise ValueError("process_group was given, but torch.distributed is not initialised")
         adapters = model.adapters()
         device = next(model.parameters()).device
         _check_example("example_input", example_input, device)
@@ -367,6 +397,7 @@ class GraphedTrainStep:
             )
         self.accumulation = accumulation
         self.loss_scaler = loss_scaler
+        self.process_group = process_group
         self.routing_counts: torch.Tensor | None = None
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.autocast_dtype, self.clip_grad, self.capture = autocast_dtype, float(clip_grad), capture
@@ -416,9 +447,12 @@ class GraphedTrainStep:
             losses.append(loss.detach())
             step_counts = torch.stack([adapter.last_plan.counts for adapter in self._adapters])
             counts = step_counts if counts is None else counts + step_counts
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.process_group is not None:
+            _average_gradients([p.grad for p in params], self.process_group)
+            dist.all_reduce(counts, group=self.process_group)
         # Captured: a tensor of the graph's, which each replay refills.
         self.routing_counts = counts
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.loss_scaler is not None:
             self.loss_scaler.unscale_([p.grad for p in params])
             # A step with Inf/NaN gradients runs on zeros and is undone below: finite values

@@ -149,6 +149,13 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     return Dist(world, rank, local), device
 
 
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Every rank's weights and buffers := rank 0's (what DistributedDataParallel does when built)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t, src=0)
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 
@@ -346,15 +353,11 @@ def _check_cuda_graph_device(device: torch.device) -> None:
         raise CLIError(f"--cuda-graph needs a CUDA device, got --device {device}")
 
 
-def _check_cuda_graph_training(
-    model: moceir.MoCEIR, stream: TrainingStream, recipe: Recipe, dist_info: Dist, compile_model: bool
-) -> None:
+def _check_cuda_graph_training(model: moceir.MoCEIR, compile_model: bool) -> None:
     """What a training step captured in a CUDA graph cannot do, said before anything runs."""
     problems = []
     if model.backend == "reference":
         problems.append("a fast --backend (the reference reads routing counts on the host)")
-    if dist_info.world != 1:
-        problems.append("one process (no torchrun)")
     if compile_model:
         problems.append("no --compile (use one or the other)")
     if problems:
@@ -405,7 +408,11 @@ class Trainer:
         self.expert_params = [[list(ex.parameters()) for ex in a.experts] for a in adapters]
         self.num_experts = len(adapters[0].experts)
         self.net: nn.Module = model
-        if self.dist.world > 1:
+        if self.dist.world > 1 and cuda_graph:
+            # The graphed step averages the gradients itself (DDP's hooks cannot be replayed):
+            # only DDP's start, every rank from rank 0's weights, is done here.
+            _broadcast_from_rank0(model)
+        elif self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -414,7 +421,7 @@ class Trainer:
         self._micro_parts: list[torch.Tensor] = []  # the graphed step's loss parts, per micro-batch
         self._loss_scaler: DeviceLossScaler | None = None  # the graphed step's, with --amp fp16
         if cuda_graph:
-            _check_cuda_graph_training(model, stream, recipe, self.dist, compile_model)
+            _check_cuda_graph_training(model, compile_model)
         if compile_model:
             # With a fast backend the forward is one graph: the adapters take the sync-free expert
             # path while compiling, whose shapes do not depend on the routing, so a new routing
@@ -603,6 +610,7 @@ class Trainer:
             capture=capture,
             accumulation=self.stream.accumulation,
             loss_scaler=self._loss_scaler,
+            process_group=dist.group.WORLD if self.dist.world > 1 else None,
         )
 
     def _graphed_step(self) -> dict[str, float]:
@@ -619,10 +627,16 @@ class Trainer:
             self._graphed = self._build_graph(lq, gt)
         lr = lr_at(self.step_count, self.recipe)
         self._graphed.set_lr(lr)
-        torch.manual_seed(noise_seed(self.recipe.seed, self.step_count, 0))  # after the build's warm-up
+        # After the build's warm-up; each rank its own draw, as the eager step's first micro-batch.
+        torch.manual_seed(noise_seed(self.recipe.seed, self.step_count, self.dist.rank))
         self._graphed(lq, gt)
-        usage = self._graphed.routing_counts.float()
-        host = torch.cat([usage.reshape(-1), self._graph_parts]).cpu().numpy()  # the one sync
+        usage = self._graphed.routing_counts.float()  # summed over the ranks by the step
+        parts = self._graph_parts
+        if self.dist.world > 1:  # the logged losses: the mean over the ranks, as the eager step's
+            parts = parts.clone()
+            dist.all_reduce(parts)
+            parts /= self.dist.world
+        host = torch.cat([usage.reshape(-1), parts]).cpu().numpy()  # the one sync
         counts = host[: usage.numel()].reshape(usage.shape).astype(np.int64)
         self.step_count += 1
         self.last_usage = counts
@@ -1018,7 +1032,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph",
         action="store_true",
         help="capture the whole step (forward, backward, AdamW; every micro-batch of --accumulation) in a "
-        "CUDA graph and replay it: one host call per step (CUDA, a fast backend, one process)",
+        "CUDA graph and replay it: one host call per step (CUDA, a fast backend; under torchrun the "
+        "gradients are averaged inside the graph)",
     )
     parser.set_defaults(func=run)
     _DEFAULTS.update({a: parser.get_default(a) for a in RECIPE_ARGS})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -51,3 +52,63 @@ def test_two_gloo_processes_match_one_process_bit_for_bit(official_data, tmp_pat
     # the logged losses and routing counts agree too (all columns but the throughput)
     rows = [[r.split(",") for r in (d / "log.csv").read_text().splitlines()[1:]] for d in (single, ddp)]
     assert [r[:7] + r[8:] for r in rows[0]] == [r[:7] + r[8:] for r in rows[1]]
+
+
+#: Runs `moceir` with --cuda-graph allowed on the CPU, where the Trainer runs the graphed step
+#: without a graph (GraphedTrainStep(capture=False): the very step a graph captures), and says
+#: on stderr how each rank built it.
+_GRAPHED_ON_CPU = """
+import sys
+import moceir.train as train_mod
+from moceir.cli import main
+
+train_mod._check_cuda_graph_device = lambda device: None
+real = train_mod.GraphedTrainStep
+
+def recording(*args, **kwargs):
+    print(f"graphed step: capture={kwargs['capture']} group={kwargs['process_group'] is not None}",
+          file=sys.stderr)
+    return real(*args, **kwargs)
+
+train_mod.GraphedTrainStep = recording
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_gloo_processes_with_the_graphed_step_reach_the_eager_ddp_weights(official_data, tmp_path):
+    """--cuda-graph under torchrun: the step averages the gradients over the ranks itself (DDP's
+    hooks cannot be replayed by a graph) and sums the routing counts, so an expert that no image
+    of the global batch chose stays untouched: the weights of eager DDP, to rounding (the graphed
+    step runs the sync-free expert path), and the same logged routing counts."""
+    from moce_kernels._backend import is_available  # noqa: PLC0415
+
+    if not is_available("cpu"):
+        pytest.skip("moce_kernels._C is not built")
+    script = tmp_path / "graphed_on_cpu.py"
+    script.write_text(_GRAPHED_ON_CPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, *"-m torch.distributed.run --standalone --nproc_per_node 2".split()]
+    runs = {}
+    for name, launcher, extra in (
+        ("eager", ["-m", "moceir"], []),
+        ("graphed", [str(script)], ["--cuda-graph"]),
+    ):
+        out = tmp_path / name
+        cli = args(official_data, out, batch=1, accumulation=1)
+        cli[cli.index("reference")] = "cpu"  # --cuda-graph needs a fast backend
+        proc = subprocess.run(
+            [*torchrun, *launcher, *cli, *extra],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "x2" in proc.stderr
+        runs[name] = (out, proc.stderr)
+    assert runs["graphed"][1].count("graphed step: capture=False group=True") == 2  # one per rank
+    eager, graphed = (load_file(str(runs[n][0] / "model.safetensors")) for n in ("eager", "graphed"))
+    assert eager.keys() == graphed.keys()
+    for k in eager:
+        torch.testing.assert_close(graphed[k], eager[k], atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    logs = [(runs[n][0] / "log.csv").read_text().splitlines()[1:] for n in ("eager", "graphed")]
+    counts = [[row.split(",")[8:] for row in log] for log in logs]
+    assert counts[0] == counts[1]
+    assert any("0" in level.split("/") for row in counts[0] for level in row)  # an expert went unused

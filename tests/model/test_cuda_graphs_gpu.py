@@ -220,3 +220,34 @@ def test_graphed_restorer_matches_the_eager_restorer_on_tiles():
     ]
     np.testing.assert_allclose(runs[1].image, runs[0].image, atol=1e-4)
     assert runs[1].expert_counts == runs[0].expert_counts and runs[1].tiles == 12
+
+
+def test_graphed_train_step_captures_the_gradient_all_reduce():
+    """``process_group``: the gradients' and routing counts' NCCL all-reduces are captured in the
+    graph. With a one-rank group (this machine's one GPU) averaging changes nothing, so the
+    captured step equals the same step without a group; the two-rank arithmetic is tested on
+    the CPU (tests/cli/test_ddp.py, gloo, without a graph)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29511", world_size=1, rank=0)
+    try:
+        plain_model = _model("auto").train()
+        group_model = copy.deepcopy(plain_model)
+        opt_plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-3, capturable=True)
+        opt_group = torch.optim.AdamW(group_model.parameters(), lr=1e-3, capturable=True)
+        x0 = torch.rand(3, 3, 16, 24, device="cuda")
+        with_group = GraphedTrainStep(group_model, opt_group, _loss, x0, x0, process_group=dist.group.WORLD)
+        plain = GraphedTrainStep(plain_model, opt_plain, _loss, x0, x0)
+        for seed in range(2):
+            got, want = _step_both(with_group, plain, 3, seed)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(with_group.routing_counts, plain.routing_counts)
+        for p, q in zip(plain_model.parameters(), group_model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)
+    finally:
+        if started:
+            dist.destroy_process_group()
