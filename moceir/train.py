@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -798,6 +799,10 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, dist_info, device)
     finally:
         if dist.is_initialized():
+            # Free the Trainer first: its graphed step (a reference cycle through its loss
+            # function) holds the process group, and a group still referenced when it is
+            # destroyed aborted a process at exit now and then (torch 2.11, gloo).
+            gc.collect()
             dist.destroy_process_group()
 
 
