@@ -4,6 +4,7 @@ what the eager model gives, and building them changes nothing the caller had."""
 from __future__ import annotations
 
 import copy
+import datetime
 
 import pytest
 import torch
@@ -233,7 +234,10 @@ def test_graphed_train_step_captures_the_gradient_all_reduce():
         pytest.skip("this torch has no NCCL")
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29511", world_size=1, rank=0)
+        dist.init_process_group(
+            "nccl", init_method="tcp://127.0.0.1:29511", world_size=1, rank=0,
+            timeout=datetime.timedelta(seconds=60),  # a stuck start must not eat the GPU run
+        )  # fmt: skip
     try:
         plain_model = _model("auto").train()
         group_model = copy.deepcopy(plain_model)
