@@ -261,3 +261,16 @@ def test_uncaptured_step_with_loss_scaling_skips_non_finite_steps_like_grad_scal
     assert not all(skipped), "the scale must have backed off to finite steps"
     for p, q in zip(by_hand.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_process_group_needs_torch_distributed():
+    """A process group without an initialised torch.distributed: a clear error, not a hang in
+    the first all-reduce."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    assert not dist.is_initialized()
+    model = moceir.build_model("moce_ir_s", backend="reference", **SMALL)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.rand(2, 3, 16, 24)
+    with pytest.raises(ValueError, match="process_group was given, but torch.distributed is not initialised"):
+        GraphedTrainStep(model, opt, _loss, x, x, capture=False, process_group=object())
