@@ -90,9 +90,12 @@ at::Tensor dwconv_gelu_gate_fwd_cuda(const at::Tensor& x_in, const at::Tensor& w
     const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
     with_vector_width<scalar_t>(use_vectors<scalar_t>(g.W, {x.const_data_ptr()}), [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
-      gate::dwconv_gelu_gate_fwd_kernel<scalar_t, acc_t, V><<<grid_size(g), dwconv::kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b, y.mutable_data_ptr<scalar_t>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dwconv::with_kernel_class(g.k_max, [&](auto class_tag) {
+        constexpr int KC = decltype(class_tag)::value;
+        gate::dwconv_gelu_gate_fwd_kernel<scalar_t, acc_t, V, KC><<<grid_size(g), dwconv::kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b, y.mutable_data_ptr<scalar_t>(), g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return y;
@@ -137,15 +140,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_gelu_gate_bwd_cuda(const a
     with_vector_width<scalar_t>(vectors, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       constexpr int GV = V == 1 ? 1 : 16 / static_cast<int>(sizeof(acc_t));
-      gate::dwconv_gelu_gate_bwd_gate_kernel<scalar_t, acc_t, V><<<grid_size(pairs), dwconv::kThreads, 0, stream>>>(
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
-          grad_u.mutable_data_ptr<acc_t>(), pairs);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gate::dwconv_gelu_gate_bwd_conv_kernel<scalar_t, acc_t, V, GV>
-          <<<grid_size(planes), dwconv::kThreads, 0, stream>>>(
-              grad_u.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-              grad_x.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), planes, taps);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dwconv::with_kernel_class(K, [&](auto class_tag) {
+        constexpr int KC = decltype(class_tag)::value;
+        gate::dwconv_gelu_gate_bwd_gate_kernel<scalar_t, acc_t, V, KC>
+            <<<grid_size(pairs), dwconv::kThreads, 0, stream>>>(
+                grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                b, grad_u.mutable_data_ptr<acc_t>(), pairs);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gate::dwconv_gelu_gate_bwd_conv_kernel<scalar_t, acc_t, V, GV, KC>
+            <<<grid_size(planes), dwconv::kThreads, 0, stream>>>(
+                grad_u.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                grad_x.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), planes, taps);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
     constexpr int kReduceThreads = 128;
     gate::dwconv_gelu_gate_bwd_weight_kernel<scalar_t, acc_t>

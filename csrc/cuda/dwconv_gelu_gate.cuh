@@ -37,7 +37,6 @@ namespace moce::cuda::gate {
 
 using dwconv::BlockPos;
 using dwconv::Geometry;
-using dwconv::kMaxK;
 using dwconv::kRowsPerThread;
 using dwconv::kThreads;
 using dwconv::kTileW;
@@ -55,7 +54,7 @@ __device__ __forceinline__ double normal_pdf(double a) { return 0.39894228040143
 // a and b (bias included) at this thread's kRowsPerThread pixels of gate channel p.c, from
 // x[n, c] and x[n, c + Ch] staged in tile_a / tile_b. It synchronises the block: every thread
 // calls it.
-template <typename T, typename acc_t, int VEC>
+template <typename T, typename acc_t, int VEC, int KC>
 __device__ __forceinline__ void gate_inputs(const T* __restrict__ x, const T* __restrict__ weight,
                                             const T* __restrict__ bias, const Geometry& g, const BlockPos& p,
                                             acc_t* __restrict__ tile_a, acc_t* __restrict__ tile_b,
@@ -71,8 +70,8 @@ __device__ __forceinline__ void gate_inputs(const T* __restrict__ x, const T* __
   }
   const int64_t plane = g.H * g.W;
   const T* xa = x + (p.n * 2 * g.C + ch_a) * plane;
-  dwconv::stage_tile<T, acc_t, VEC>(tile_a, xa, g.H, g.W, p.h0, p.w0);
-  dwconv::stage_tile<T, acc_t, VEC>(tile_b, xa + g.C * plane, g.H, g.W, p.h0, p.w0);
+  dwconv::stage_tile<T, acc_t, VEC, KC>(tile_a, xa, g.H, g.W, p.h0, p.w0);
+  dwconv::stage_tile<T, acc_t, VEC, KC>(tile_b, xa + g.C * plane, g.H, g.W, p.h0, p.w0);
   __syncthreads();
   const acc_t bias_a = bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[ch_a]);
   const acc_t bias_b = bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[ch_b]);
@@ -81,29 +80,29 @@ __device__ __forceinline__ void gate_inputs(const T* __restrict__ x, const T* __
     a[q] = bias_a;
     b[q] = bias_b;
   }
-  dwconv::conv_column_k<T>(K, tile_a, taps_a, row0, col, a);
-  dwconv::conv_column_k<T>(K, tile_b, taps_b, row0, col, b);
+  dwconv::conv_column_k<T, KC>(K, tile_a, taps_a, row0, col, a);
+  dwconv::conv_column_k<T, KC>(K, tile_b, taps_b, row0, col, b);
 }
 
 // y[n, c] = gelu(a) * b over one tile. Grid: B * Ch * tiles blocks (g.C = Ch).
-template <typename T, typename acc_t, int VEC>
+template <typename T, typename acc_t, int VEC, int KC>
 __global__ void __launch_bounds__(kThreads)
     dwconv_gelu_gate_fwd_kernel(const T* __restrict__ x,       // [B, 2 Ch, H, W]
                                 const T* __restrict__ weight,  // [2 Ch, K, K]
                                 const T* __restrict__ bias,    // [2 Ch] or nullptr
                                 T* __restrict__ y,             // [B, Ch, H, W]
                                 Geometry g) {
-  using Shape = TileShape<T>;
+  using Shape = TileShape<T, KC>;
   __shared__ acc_t tile_a[Shape::kSize];
   __shared__ acc_t tile_b[Shape::kSize];
-  __shared__ acc_t taps_a[kMaxK * kMaxK];
-  __shared__ acc_t taps_b[kMaxK * kMaxK];
+  __shared__ acc_t taps_a[KC * KC];
+  __shared__ acc_t taps_b[KC * KC];
   const BlockPos p = dwconv::block_pos(g);  // p.plane = n * Ch + c: y's plane
   const int col = static_cast<int>(threadIdx.x) % kTileW;
   const int row0 = (static_cast<int>(threadIdx.x) / kTileW) * kRowsPerThread;
   acc_t a[kRowsPerThread];
   acc_t b[kRowsPerThread];
-  gate_inputs<T, acc_t, VEC>(x, weight, bias, g, p, tile_a, tile_b, taps_a, taps_b, row0, col, a, b);
+  gate_inputs<T, acc_t, VEC, KC>(x, weight, bias, g, p, tile_a, tile_b, taps_a, taps_b, row0, col, a, b);
   acc_t out[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) out[q] = a[q] * normal_cdf(a[q]) * b[q];
@@ -112,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // grad_u[n, c] = grad_y * b * gelu'(a), grad_u[n, c + Ch] = grad_y * gelu(a) over one tile.
 // Grid: B * Ch * tiles blocks (g.C = Ch).
-template <typename T, typename acc_t, int VEC>
+template <typename T, typename acc_t, int VEC, int KC>
 __global__ void __launch_bounds__(kThreads)
     dwconv_gelu_gate_bwd_gate_kernel(const T* __restrict__ grad_y,  // [B, Ch, H, W]
                                      const T* __restrict__ x,       // [B, 2 Ch, H, W]
@@ -120,17 +119,17 @@ __global__ void __launch_bounds__(kThreads)
                                      const T* __restrict__ bias,    // [2 Ch] or nullptr
                                      acc_t* __restrict__ grad_u,    // [B, 2 Ch, H, W]
                                      Geometry g) {
-  using Shape = TileShape<T>;
+  using Shape = TileShape<T, KC>;
   __shared__ acc_t tile_a[Shape::kSize];
   __shared__ acc_t tile_b[Shape::kSize];
-  __shared__ acc_t taps_a[kMaxK * kMaxK];
-  __shared__ acc_t taps_b[kMaxK * kMaxK];
+  __shared__ acc_t taps_a[KC * KC];
+  __shared__ acc_t taps_b[KC * KC];
   const BlockPos p = dwconv::block_pos(g);
   const int col = static_cast<int>(threadIdx.x) % kTileW;
   const int row0 = (static_cast<int>(threadIdx.x) / kTileW) * kRowsPerThread;
   acc_t a[kRowsPerThread];
   acc_t b[kRowsPerThread];
-  gate_inputs<T, acc_t, VEC>(x, weight, bias, g, p, tile_a, tile_b, taps_a, taps_b, row0, col, a, b);
+  gate_inputs<T, acc_t, VEC, KC>(x, weight, bias, g, p, tile_a, tile_b, taps_a, taps_b, row0, col, a, b);
   const int64_t plane = g.H * g.W;
   const int64_t h = p.h0 + row0;
   const int64_t w = p.w0 + col;
@@ -153,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
 // taps_stride + t]: the tile's sum of grad_u * x shifted by tap t = i * K + j (t < K * K) and of
 // grad_u (t = K * K = taps_stride - 1). Grid: B * 2 Ch * tiles blocks (g.C = 2 Ch).
 // grouped_dwconv_bwd_kernel's body, with grad_u in the accumulation type (its own tile shape).
-template <typename T, typename acc_t, int VEC, int GRAD_VEC>
+template <typename T, typename acc_t, int VEC, int GRAD_VEC, int KC>
 __global__ void __launch_bounds__(kThreads)
     dwconv_gelu_gate_bwd_conv_kernel(const acc_t* __restrict__ grad_u,  // [B, 2 Ch, H, W]
                                      const T* __restrict__ x,           // [B, 2 Ch, H, W]
@@ -161,11 +160,11 @@ __global__ void __launch_bounds__(kThreads)
                                      T* __restrict__ grad_x,            // [B, 2 Ch, H, W]
                                      acc_t* __restrict__ partial,       // [B * 2 Ch * tiles, taps_stride]
                                      Geometry g, int taps_stride) {
-  using XShape = TileShape<T>;
-  using GShape = TileShape<acc_t>;
+  using XShape = TileShape<T, KC>;
+  using GShape = TileShape<acc_t, KC>;
   __shared__ acc_t tile_x[XShape::kSize];
   __shared__ acc_t tile_g[GShape::kSize];
-  __shared__ acc_t flipped[kMaxK * kMaxK];
+  __shared__ acc_t flipped[KC * KC];
   const BlockPos p = dwconv::block_pos(g);  // p.plane = n * 2 Ch + ch, p.c = ch
   const int tid = static_cast<int>(threadIdx.x);
   const int col = tid % kTileW;
@@ -175,14 +174,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = g.H * g.W;
   // grad_x is the "full" correlation of grad_u with the kernel flipped in both axes.
   if (tid < K * K) flipped[K * K - 1 - tid] = static_cast<acc_t>(weight[p.c * K * K + tid]);
-  dwconv::stage_tile<T, acc_t, VEC>(tile_x, x + p.plane * plane, g.H, g.W, p.h0, p.w0);
-  dwconv::stage_tile<acc_t, acc_t, GRAD_VEC>(tile_g, grad_u + p.plane * plane, g.H, g.W, p.h0, p.w0);
+  dwconv::stage_tile<T, acc_t, VEC, KC>(tile_x, x + p.plane * plane, g.H, g.W, p.h0, p.w0);
+  dwconv::stage_tile<acc_t, acc_t, GRAD_VEC, KC>(tile_g, grad_u + p.plane * plane, g.H, g.W, p.h0, p.w0);
   __syncthreads();
 
   acc_t out[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) out[q] = acc_t(0);
-  dwconv::conv_column_k<acc_t>(K, tile_g, flipped, row0, col, out);
+  dwconv::conv_column_k<acc_t, KC>(K, tile_g, flipped, row0, col, out);
   dwconv::store_column<T, acc_t>(grad_x + p.plane * plane, g.H, g.W, p.h0 + row0, p.w0 + col, out);
 
   // Weight partials: warp w takes taps w, w + kWarps, ...; lane l sums column l of the tile
@@ -191,13 +190,13 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int taps = K * K;
-  const acc_t* g_col = tile_g + dwconv::kHaloH * GShape::kCols + GShape::kHaloW + lane;
+  const acc_t* g_col = tile_g + GShape::kHaloH * GShape::kCols + GShape::kHaloW + lane;
   for (int t = warp; t < taps_stride; t += dwconv::kWarps) {
     acc_t sum = acc_t(0);
     if (t < taps) {
       const int i = t / K;
       const int j = t - i * K;
-      const acc_t* x_col = tile_x + (dwconv::kHaloH - P + i) * XShape::kCols + XShape::kHaloW - P + j + lane;
+      const acc_t* x_col = tile_x + (XShape::kHaloH - P + i) * XShape::kCols + XShape::kHaloW - P + j + lane;
 #pragma unroll 8
       for (int r = 0; r < dwconv::kTileH; ++r) sum += g_col[r * GShape::kCols] * x_col[r * XShape::kCols];
     } else {

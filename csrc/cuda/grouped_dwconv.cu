@@ -93,10 +93,13 @@ at::Tensor grouped_dwconv_fwd_cuda(const at::Tensor& x_in, const at::Tensor& wei
     const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
     const auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
-      dwconv::grouped_dwconv_fwd_kernel<scalar_t, acc_t, V><<<blocks, dwconv::kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
-          offsets.const_data_ptr<int64_t>(), table, y.mutable_data_ptr<scalar_t>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dwconv::with_kernel_class(dwconv::largest_kernel(kernel_sizes), [&](auto class_tag) {
+        constexpr int KC = decltype(class_tag)::value;
+        dwconv::grouped_dwconv_fwd_kernel<scalar_t, acc_t, V, KC><<<blocks, dwconv::kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), b,
+            offsets.const_data_ptr<int64_t>(), table, y.mutable_data_ptr<scalar_t>(), g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     };
     if (use_vectors<scalar_t>(g.W, {x.const_data_ptr()})) {
       launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(scalar_t))>{});
@@ -138,11 +141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_dwconv_bwd_cuda(
         at::empty({g.N * g.C * g.tiles, taps}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const auto launch = [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
-      dwconv::grouped_dwconv_bwd_kernel<scalar_t, acc_t, V><<<blocks, dwconv::kThreads, 0, stream>>>(
-          grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-          offsets.const_data_ptr<int64_t>(), table, grad_x.mutable_data_ptr<scalar_t>(),
-          partial.mutable_data_ptr<acc_t>(), g, taps);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dwconv::with_kernel_class(dwconv::largest_kernel(kernel_sizes), [&](auto class_tag) {
+        constexpr int KC = decltype(class_tag)::value;
+        dwconv::grouped_dwconv_bwd_kernel<scalar_t, acc_t, V, KC><<<blocks, dwconv::kThreads, 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            offsets.const_data_ptr<int64_t>(), table, grad_x.mutable_data_ptr<scalar_t>(),
+            partial.mutable_data_ptr<acc_t>(), g, taps);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     };
     if (use_vectors<scalar_t>(g.W, {x.const_data_ptr(), grad_y.const_data_ptr()})) {
       launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(scalar_t))>{});

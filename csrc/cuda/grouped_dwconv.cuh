@@ -25,6 +25,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -36,23 +37,50 @@ constexpr int kRowsPerThread = 4;
 constexpr int kThreads = kTileW * (kTileH / kRowsPerThread);  // 256
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxK = 9;
-constexpr int kHaloH = kMaxK / 2;
 constexpr int kMaxExperts = 64;
 
-// Column halo: at least kMaxK / 2, and a multiple of the 16-byte vector width so every staged
+// Kernel classes: every kernel is compiled for a largest kernel size KC (3 or kMaxK), and the
+// host launches the smallest class that holds the call's K_max (kernel_class). The 3x3 class
+// (the trunk's depthwise convolutions and the GDFN's) stages a 1-row halo instead of 4 and
+// compiles only the K = 1 and 3 loops: fewer registers, more blocks per SM (ptxas, sm_90: 74
+// registers and 3 blocks of 256 threads per SM for the general class before this split).
+constexpr int kernel_class(int64_t k_max) { return k_max <= 3 ? 3 : kMaxK; }
+
+// Column halo: at least KC / 2, and a multiple of the 16-byte vector width so every staged
 // 16-byte chunk is either wholly inside or wholly outside a row whose width is a multiple of it.
-template <typename T>
+template <typename T, int KC>
 constexpr int halo_w() {
-  return (16 / static_cast<int>(sizeof(T))) > kHaloH ? 16 / static_cast<int>(sizeof(T)) : kHaloH;
+  return (16 / static_cast<int>(sizeof(T))) > KC / 2 ? 16 / static_cast<int>(sizeof(T)) : KC / 2;
 }
 
-template <typename T>
+template <typename T, int KC>
 struct TileShape {
-  static constexpr int kHaloW = halo_w<T>();
+  static_assert(KC % 2 == 1 && KC <= kMaxK, "kernel classes are odd sizes up to kMaxK");
+  static constexpr int kHaloH = KC / 2;
+  static constexpr int kHaloW = halo_w<T, KC>();
   static constexpr int kRows = kTileH + 2 * kHaloH;
   static constexpr int kCols = kTileW + 2 * kHaloW;
   static constexpr int kSize = kRows * kCols;
 };
+
+// The largest of the experts' kernel sizes: the class follows the sizes in use, not the weight's
+// K_max window (a 9 x 9 window of 3 x 3 experts takes the 3 x 3 class).
+template <typename Sizes>
+int64_t largest_kernel(const Sizes& kernel_sizes) {
+  int64_t k = 1;
+  for (const int64_t ks : kernel_sizes) k = ks > k ? ks : k;
+  return k;
+}
+
+// Calls launch(std::integral_constant<int, KC>) with KC = kernel_class(k_max).
+template <typename Launch>
+void with_kernel_class(int64_t k_max, const Launch& launch) {
+  if (kernel_class(k_max) == 3) {
+    launch(std::integral_constant<int, 3>{});
+  } else {
+    launch(std::integral_constant<int, kMaxK>{});
+  }
+}
 
 // Per-expert constants, passed by value (no host-to-device copy).
 struct ExpertTable {
@@ -72,18 +100,18 @@ __device__ __forceinline__ int find_expert(const int64_t* __restrict__ offsets, 
 }
 
 // Stage rows [h0 - kHaloH, h0 + kTileH + kHaloH) x columns [w0 - kHaloW, w0 + kTileW + kHaloW)
-// of an H x W plane into s (kRows x kCols, accumulation type), zeros outside the plane. With
+// (TileShape<T, KC>'s halo) of an H x W plane into s (kRows x kCols, accumulation type), zeros outside the plane. With
 // VEC > 1 the caller guarantees W % VEC == 0 and a 16-byte aligned plane.
-template <typename T, typename acc_t, int VEC>
+template <typename T, typename acc_t, int VEC, int KC>
 __device__ __forceinline__ void stage_tile(acc_t* __restrict__ s, const T* __restrict__ plane, int64_t H,
                                            int64_t W, int64_t h0, int64_t w0) {
-  using Shape = TileShape<T>;
+  using Shape = TileShape<T, KC>;
   static_assert(Shape::kCols % VEC == 0 && Shape::kHaloW % VEC == 0, "tile columns must hold whole vectors");
   constexpr int kChunks = Shape::kCols / VEC;
   for (int idx = threadIdx.x; idx < Shape::kRows * kChunks; idx += blockDim.x) {
     const int r = idx / kChunks;
     const int chunk = idx - r * kChunks;
-    const int64_t gh = h0 - kHaloH + r;
+    const int64_t gh = h0 - Shape::kHaloH + r;
     const int64_t gw = w0 - Shape::kHaloW + static_cast<int64_t>(chunk) * VEC;
     acc_t* dst = s + r * Shape::kCols + chunk * VEC;
     const bool row_ok = gh >= 0 && gh < H;
@@ -103,13 +131,14 @@ __device__ __forceinline__ void stage_tile(acc_t* __restrict__ s, const T* __res
 
 // out[q] = sum_{i, j < K} taps[i * K + j] * s[row0 + q - P + i + kHaloH][col + kHaloW - P + j]
 // for the kRowsPerThread outputs (row0 + q, col) of the tile (tile coordinates).
-template <int K, typename T, typename acc_t>
+template <int K, typename T, int KC, typename acc_t>
 __device__ __forceinline__ void conv_column(const acc_t* __restrict__ s, const acc_t* __restrict__ taps,
                                             int row0, int col, acc_t (&out)[kRowsPerThread]) {
-  using Shape = TileShape<T>;
+  using Shape = TileShape<T, KC>;
+  static_assert(K <= KC, "a kernel class holds the sizes up to its own");
   constexpr int P = K / 2;
   constexpr int kSpan = kRowsPerThread + K - 1;
-  const acc_t* base = s + (row0 + kHaloH - P) * Shape::kCols + col + Shape::kHaloW - P;
+  const acc_t* base = s + (row0 + Shape::kHaloH - P) * Shape::kCols + col + Shape::kHaloW - P;
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     acc_t v[kSpan];
@@ -124,25 +153,27 @@ __device__ __forceinline__ void conv_column(const acc_t* __restrict__ s, const a
   }
 }
 
-template <typename T, typename acc_t>
+// The K x K loop for a runtime K <= KC (odd: the host checks both). A class compiles only the
+// loops of its sizes.
+template <typename T, int KC, typename acc_t>
 __device__ __forceinline__ void conv_column_k(int K, const acc_t* __restrict__ s,
                                               const acc_t* __restrict__ taps, int row0, int col,
                                               acc_t (&out)[kRowsPerThread]) {
   switch (K) {
     case 1:
-      conv_column<1, T>(s, taps, row0, col, out);
+      conv_column<1, T, KC>(s, taps, row0, col, out);
       break;
     case 3:
-      conv_column<3, T>(s, taps, row0, col, out);
+      conv_column<3, T, KC>(s, taps, row0, col, out);
       break;
     case 5:
-      conv_column<5, T>(s, taps, row0, col, out);
+      if constexpr (KC >= 5) conv_column<5, T, KC>(s, taps, row0, col, out);
       break;
     case 7:
-      conv_column<7, T>(s, taps, row0, col, out);
+      if constexpr (KC >= 7) conv_column<7, T, KC>(s, taps, row0, col, out);
       break;
     default:
-      conv_column<9, T>(s, taps, row0, col, out);
+      if constexpr (KC >= 9) conv_column<9, T, KC>(s, taps, row0, col, out);
       break;
   }
 }
@@ -180,20 +211,27 @@ struct BlockPos {
   int64_t plane, n, c, h0, w0;
 };
 
+// In 32-bit arithmetic: the host caps the grid at 2^31 - 1 blocks, so the block index and every
+// factor of it (planes, tiles) fit, and a 64-bit division costs several times a 32-bit one.
 __device__ __forceinline__ BlockPos block_pos(const Geometry& g) {
+  const uint32_t blk = blockIdx.x;
+  const auto tiles = static_cast<uint32_t>(g.tiles);
+  const auto channels = static_cast<uint32_t>(g.C);
+  const auto tiles_w = static_cast<uint32_t>(g.tiles_w);
+  const uint32_t plane = blk / tiles;
+  const uint32_t tile = blk - plane * tiles;
+  const uint32_t n = plane / channels;
+  const uint32_t th = tile / tiles_w;
   BlockPos p;
-  const int64_t blk = blockIdx.x;
-  p.plane = blk / g.tiles;
-  const int64_t tile = blk - p.plane * g.tiles;
-  p.n = p.plane / g.C;
-  p.c = p.plane - p.n * g.C;
-  const int64_t th = tile / g.tiles_w;
-  p.h0 = th * kTileH;
-  p.w0 = (tile - th * g.tiles_w) * kTileW;
+  p.plane = plane;
+  p.n = n;
+  p.c = plane - n * channels;
+  p.h0 = static_cast<int64_t>(th) * kTileH;
+  p.w0 = static_cast<int64_t>(tile - th * tiles_w) * kTileW;
   return p;
 }
 
-template <typename T, typename acc_t, int VEC>
+template <typename T, typename acc_t, int VEC, int KC>
 __global__ void __launch_bounds__(kThreads)
     grouped_dwconv_fwd_kernel(const T* __restrict__ x,               // [N, C, H, W]
                               const T* __restrict__ weight,          // [E, C, K_max, K_max]
@@ -201,8 +239,8 @@ __global__ void __launch_bounds__(kThreads)
                               const int64_t* __restrict__ offsets,   // [E + 1]
                               ExpertTable table, T* __restrict__ y,  // [N, C, H, W]
                               Geometry g) {
-  __shared__ acc_t tile[TileShape<T>::kSize];
-  __shared__ acc_t taps[kMaxK * kMaxK];
+  __shared__ acc_t tile[TileShape<T, KC>::kSize];
+  __shared__ acc_t taps[KC * KC];
   const BlockPos p = block_pos(g);
   const int col = static_cast<int>(threadIdx.x) % kTileW;
   const int row0 = (static_cast<int>(threadIdx.x) / kTileW) * kRowsPerThread;
@@ -222,19 +260,19 @@ __global__ void __launch_bounds__(kThreads)
     const int j = static_cast<int>(threadIdx.x) - i * K;
     taps[threadIdx.x] = static_cast<acc_t>(wk[(lo + i) * g.k_max + lo + j]);
   }
-  stage_tile<T, acc_t, VEC>(tile, x + p.plane * g.H * g.W, g.H, g.W, p.h0, p.w0);
+  stage_tile<T, acc_t, VEC, KC>(tile, x + p.plane * g.H * g.W, g.H, g.W, p.h0, p.w0);
   __syncthreads();
   const acc_t b = bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[static_cast<int64_t>(e) * g.C + p.c]);
   acc_t out[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) out[q] = b;
-  conv_column_k<T>(K, tile, taps, row0, col, out);
+  conv_column_k<T, KC>(K, tile, taps, row0, col, out);
   store_column<T, acc_t>(out_plane, g.H, g.W, p.h0 + row0, p.w0 + col, out);
 }
 
 // grad_x of the tile, and partial[(plane * tiles + tile) * taps_stride + t]: the tile's sum of
 // grad_y * x shifted by tap t = i * K + j (t < K * K), of grad_y (t = K * K), 0 beyond.
-template <typename T, typename acc_t, int VEC>
+template <typename T, typename acc_t, int VEC, int KC>
 __global__ void __launch_bounds__(kThreads)
     grouped_dwconv_bwd_kernel(const T* __restrict__ grad_y,         // [N, C, H, W]
                               const T* __restrict__ x,              // [N, C, H, W]
@@ -244,10 +282,10 @@ __global__ void __launch_bounds__(kThreads)
                               T* __restrict__ grad_x,       // [N, C, H, W]
                               acc_t* __restrict__ partial,  // [N * C * tiles, taps_stride]
                               Geometry g, int taps_stride) {
-  using Shape = TileShape<T>;
+  using Shape = TileShape<T, KC>;
   __shared__ acc_t tile_x[Shape::kSize];
   __shared__ acc_t tile_g[Shape::kSize];
-  __shared__ acc_t flipped[kMaxK * kMaxK];
+  __shared__ acc_t flipped[KC * KC];
   const BlockPos p = block_pos(g);
   const int tid = static_cast<int>(threadIdx.x);
   const int col = tid % kTileW;
@@ -269,8 +307,8 @@ __global__ void __launch_bounds__(kThreads)
     const int j = tid - i * K;
     flipped[(K - 1 - i) * K + (K - 1 - j)] = static_cast<acc_t>(wk[(lo + i) * g.k_max + lo + j]);
   }
-  stage_tile<T, acc_t, VEC>(tile_x, x + p.plane * g.H * g.W, g.H, g.W, p.h0, p.w0);
-  stage_tile<T, acc_t, VEC>(tile_g, grad_y + p.plane * g.H * g.W, g.H, g.W, p.h0, p.w0);
+  stage_tile<T, acc_t, VEC, KC>(tile_x, x + p.plane * g.H * g.W, g.H, g.W, p.h0, p.w0);
+  stage_tile<T, acc_t, VEC, KC>(tile_g, grad_y + p.plane * g.H * g.W, g.H, g.W, p.h0, p.w0);
   __syncthreads();
 
   // grad_x[a, b] = sum_{i, j} w[i, j] * grad_y[a + P - i, b + P - j]: the forward's loop on
@@ -278,7 +316,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t out[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) out[q] = acc_t(0);
-  conv_column_k<T>(K, tile_g, flipped, row0, col, out);
+  conv_column_k<T, KC>(K, tile_g, flipped, row0, col, out);
   store_column<T, acc_t>(gx_plane, g.H, g.W, p.h0 + row0, p.w0 + col, out);
 
   // Weight partials: warp w takes taps w, w + kWarps, ...; lane l sums column l of the tile
@@ -286,13 +324,13 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
   const int taps = K * K;
-  const acc_t* g_col = tile_g + kHaloH * Shape::kCols + Shape::kHaloW + lane;
+  const acc_t* g_col = tile_g + Shape::kHaloH * Shape::kCols + Shape::kHaloW + lane;
   for (int t = warp; t < taps_stride; t += kWarps) {
     acc_t sum = acc_t(0);
     if (t < taps) {
       const int i = t / K;
       const int j = t - i * K;
-      const acc_t* x_col = tile_x + (kHaloH - P + i) * Shape::kCols + Shape::kHaloW - P + j + lane;
+      const acc_t* x_col = tile_x + (Shape::kHaloH - P + i) * Shape::kCols + Shape::kHaloW - P + j + lane;
 #pragma unroll 8
       for (int r = 0; r < kTileH; ++r) sum += g_col[r * Shape::kCols] * x_col[r * Shape::kCols];
     } else if (t == taps) {
