@@ -37,6 +37,8 @@ CASES = [
     pytest.param((1, 2, 7, 4, 9), id="B1-k7-4x9"),
     # Wider than one CUDA tile (32 x 32) in both directions, W a multiple of 8 (vector path).
     pytest.param((2, 3, 5, 37, 40), id="B2-k5-multi-tile-37x40"),
+    # The CUDA kernels' 3 x 3 class (the GDFN's convolution), across tiles.
+    pytest.param((2, 3, 3, 37, 40), id="B2-k3-class-multi-tile-37x40"),
 ]
 
 DTYPES = [

@@ -33,6 +33,8 @@ CASES = [
     pytest.param(((16,), (3,), (1,), 6, 5), id="E1-B1"),
     # Wider than one CUDA tile (32 x 32) in both directions, W a multiple of 8 (vector path).
     pytest.param(((3, 6), (7, 5), (1, 2), 37, 40), id="multi-tile-37x40"),
+    # The CUDA kernels' 3 x 3 class (the trunk's convolutions), across tiles.
+    pytest.param(((6,), (3,), (2,), 37, 40), id="k3-class-multi-tile-37x40"),
     pytest.param(((2, 3), (3, 9), (1, 1), 4, 9), id="k3-and-k9-4x9"),
 ]
 
