@@ -39,18 +39,21 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxK = 9;
 constexpr int kMaxExperts = 64;
 
-// Kernel classes: every kernel is compiled for a largest kernel size KC (3 or kMaxK), and the
-// host launches the smallest class that holds the call's K_max (kernel_class). The 3x3 class
-// (the trunk's depthwise convolutions and the GDFN's) stages a 1-row halo instead of 4 and
-// compiles only the K = 1 and 3 loops: fewer registers, more blocks per SM (ptxas, sm_90: 74
-// registers and 3 blocks of 256 threads per SM for the general class before this split).
-constexpr int kernel_class(int64_t k_max) { return k_max <= 3 ? 3 : kMaxK; }
+// Kernel classes: every kernel is compiled for a largest kernel size KC (3, 7 or kMaxK), and the
+// host launches the smallest class that holds the call's largest kernel (kernel_class). A class
+// stages a KC / 2-row halo and compiles only the loops of its sizes: fewer registers, more
+// blocks per SM. ptxas, sm_90, 256 threads: 32-40 registers for the 3 x 3 class (the trunk's
+// depthwise convolutions and the GDFN's: 6-8 blocks per SM), 58-66 for the 7 x 7 class (the
+// cross-attention's and the experts' 7 x 7: 3-4), 64-76 for kernels up to 9 x 9 (3). Asking
+// ptxas for 4 blocks of the 7 x 7 class (64 registers) spills 8-24 bytes, so it is not asked.
+constexpr int kernel_class(int64_t k_max) { return k_max <= 3 ? 3 : (k_max <= 7 ? 7 : kMaxK); }
 
 // Column halo: at least KC / 2, and a multiple of the 16-byte vector width so every staged
 // 16-byte chunk is either wholly inside or wholly outside a row whose width is a multiple of it.
 template <typename T, int KC>
 constexpr int halo_w() {
-  return (16 / static_cast<int>(sizeof(T))) > KC / 2 ? 16 / static_cast<int>(sizeof(T)) : KC / 2;
+  constexpr int vec = 16 / static_cast<int>(sizeof(T));
+  return (KC / 2 + vec - 1) / vec * vec;
 }
 
 template <typename T, int KC>
@@ -75,10 +78,16 @@ int64_t largest_kernel(const Sizes& kernel_sizes) {
 // Calls launch(std::integral_constant<int, KC>) with KC = kernel_class(k_max).
 template <typename Launch>
 void with_kernel_class(int64_t k_max, const Launch& launch) {
-  if (kernel_class(k_max) == 3) {
-    launch(std::integral_constant<int, 3>{});
-  } else {
-    launch(std::integral_constant<int, kMaxK>{});
+  switch (kernel_class(k_max)) {
+    case 3:
+      launch(std::integral_constant<int, 3>{});
+      break;
+    case 7:
+      launch(std::integral_constant<int, 7>{});
+      break;
+    default:
+      launch(std::integral_constant<int, kMaxK>{});
+      break;
   }
 }
 

@@ -98,11 +98,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str)
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol, msg=what)
 
 
-# (channels, kernel_sizes, rows per expert, H, W, K_max window): the trunk's single 3 x 3 expert,
-# mixed sizes (the general class), 3 x 3 experts in a 9 x 9 window (the 3 x 3 class with an
-# offset window), 1 x 1, empty experts, tiles cut by the image edge in both directions.
+# (channels, kernel_sizes, rows per expert, H, W, K_max window): the trunk's single 3 x 3 and
+# 7 x 7 experts and the experts' 3 and 7 (the 3 x 3 and 7 x 7 classes), mixed sizes up to 9 (the
+# general class), 3 x 3 experts in a 9 x 9 window (the 3 x 3 class with an offset window), 1 x 1,
+# empty experts, tiles cut by the image edge in both directions.
 DWCONV_CASES = [
     pytest.param((6,), (3,), (2,), 37, 40, 3, id="trunk-3x3-37x40"),
+    pytest.param((5,), (7,), (2,), 37, 40, 7, id="trunk-7x7-37x40"),
+    pytest.param((4, 6), (3, 7), (1, 2), 33, 24, 7, id="experts-k37-33x24"),
     pytest.param((5, 3, 7, 2), (3, 5, 7, 9), (1, 0, 2, 1), 33, 45, 9, id="k3579-empty-33x45"),
     pytest.param((4, 6), (3, 1), (1, 2), 35, 16, 9, id="k31-in-9x9-window"),
     pytest.param((3,), (9,), (1,), 7, 8, 9, id="9x9-on-7x8"),
