@@ -4,8 +4,8 @@ A block of 256 threads at more than 40 registers leaves fewer than 6 blocks per 
 registers), and these kernels keep the memory system busy only through the blocks in flight: the
 general class (kernel sizes up to 9) takes 74 registers, 3 blocks per SM. The 3 x 3 class, which
 runs the trunk's depthwise convolutions and the GDFN's gate, must stay at or under 40 registers
-without spilling (the 7 x 7 class is not held to a number: see csrc/cuda/grouped_dwconv.cuh). Compiled with the flags setup.py uses; skipped where nvcc or the CUDA headers
-are missing.
+without spilling (the 7 x 7 class is not held to a number: see csrc/cuda/grouped_dwconv.cuh).
+Compiled with the flags setup.py uses; skipped where nvcc or the CUDA headers are missing.
 """
 
 from __future__ import annotations
