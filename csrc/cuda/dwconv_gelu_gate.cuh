@@ -93,8 +93,8 @@ __global__ void __launch_bounds__(kThreads)
                                 T* __restrict__ y,             // [B, Ch, H, W]
                                 Geometry g) {
   using Shape = TileShape<T, KC>;
-  __shared__ acc_t tile_a[Shape::kSize];
-  __shared__ acc_t tile_b[Shape::kSize];
+  __shared__ __align__(16) acc_t tile_a[Shape::kSize];
+  __shared__ __align__(16) acc_t tile_b[Shape::kSize];
   __shared__ acc_t taps_a[KC * KC];
   __shared__ acc_t taps_b[KC * KC];
   const BlockPos p = dwconv::block_pos(g);  // p.plane = n * Ch + c: y's plane
@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(kThreads)
                                      acc_t* __restrict__ grad_u,    // [B, 2 Ch, H, W]
                                      Geometry g) {
   using Shape = TileShape<T, KC>;
-  __shared__ acc_t tile_a[Shape::kSize];
-  __shared__ acc_t tile_b[Shape::kSize];
+  __shared__ __align__(16) acc_t tile_a[Shape::kSize];
+  __shared__ __align__(16) acc_t tile_b[Shape::kSize];
   __shared__ acc_t taps_a[KC * KC];
   __shared__ acc_t taps_b[KC * KC];
   const BlockPos p = dwconv::block_pos(g);
@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(kThreads)
                                      Geometry g, int taps_stride) {
   using XShape = TileShape<T, KC>;
   using GShape = TileShape<acc_t, KC>;
-  __shared__ acc_t tile_x[XShape::kSize];
-  __shared__ acc_t tile_g[GShape::kSize];
+  __shared__ __align__(16) acc_t tile_x[XShape::kSize];
+  __shared__ __align__(16) acc_t tile_g[GShape::kSize];
   __shared__ acc_t flipped[KC * KC];
   const BlockPos p = dwconv::block_pos(g);  // p.plane = n * 2 Ch + ch, p.c = ch
   const int tid = static_cast<int>(threadIdx.x);

@@ -108,9 +108,25 @@ __device__ __forceinline__ int find_expert(const int64_t* __restrict__ offsets, 
   return -1;
 }
 
+// dst[0 .. N) = v, as 16-byte shared-memory stores where the type allows (float, N % 4 == 0, dst
+// 16-byte aligned). Scalar stores of a thread's 8 staged floats hit 4 of the 32 banks across a
+// warp (rows of 48 floats, chunks of 8): an 8-way conflict per store, where the 128-bit stores
+// conflict 2-way at most.
+template <typename acc_t, int N>
+__device__ __forceinline__ void store_staged(acc_t* __restrict__ dst, const acc_t (&v)[N]) {
+  if constexpr (std::is_same<acc_t, float>::value && N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = v[i];
+  }
+}
+
 // Stage rows [h0 - kHaloH, h0 + kTileH + kHaloH) x columns [w0 - kHaloW, w0 + kTileW + kHaloW)
-// (TileShape<T, KC>'s halo) of an H x W plane into s (kRows x kCols, accumulation type), zeros outside the plane. With
-// VEC > 1 the caller guarantees W % VEC == 0 and a 16-byte aligned plane.
+// (TileShape<T, KC>'s halo) of an H x W plane into s (kRows x kCols, accumulation type, 16-byte
+// aligned), zeros outside the plane. With VEC > 1 the caller guarantees W % VEC == 0 and a
+// 16-byte aligned plane.
 template <typename T, typename acc_t, int VEC, int KC>
 __device__ __forceinline__ void stage_tile(acc_t* __restrict__ s, const T* __restrict__ plane, int64_t H,
                                            int64_t W, int64_t h0, int64_t w0) {
@@ -122,19 +138,21 @@ __device__ __forceinline__ void stage_tile(acc_t* __restrict__ s, const T* __res
     const int chunk = idx - r * kChunks;
     const int64_t gh = h0 - Shape::kHaloH + r;
     const int64_t gw = w0 - Shape::kHaloW + static_cast<int64_t>(chunk) * VEC;
-    acc_t* dst = s + r * Shape::kCols + chunk * VEC;
+    acc_t* dst = s + r * Shape::kCols + chunk * VEC;  // 16-byte aligned when VEC * 4 bytes are
     const bool row_ok = gh >= 0 && gh < H;
+    acc_t staged[VEC];
     if (row_ok && gw >= 0 && gw + VEC <= W) {
       const Pack<T, VEC> v = load_pack<T, VEC>(plane + gh * W + gw);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) dst[i] = static_cast<acc_t>(v.val[i]);
+      for (int i = 0; i < VEC; ++i) staged[i] = static_cast<acc_t>(v.val[i]);
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const int64_t c = gw + i;
-        dst[i] = (row_ok && c >= 0 && c < W) ? static_cast<acc_t>(plane[gh * W + c]) : acc_t(0);
+        staged[i] = (row_ok && c >= 0 && c < W) ? static_cast<acc_t>(plane[gh * W + c]) : acc_t(0);
       }
     }
+    store_staged(dst, staged);
   }
 }
 
@@ -248,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
                               const int64_t* __restrict__ offsets,   // [E + 1]
                               ExpertTable table, T* __restrict__ y,  // [N, C, H, W]
                               Geometry g) {
-  __shared__ acc_t tile[TileShape<T, KC>::kSize];
+  __shared__ __align__(16) acc_t tile[TileShape<T, KC>::kSize];
   __shared__ acc_t taps[KC * KC];
   const BlockPos p = block_pos(g);
   const int col = static_cast<int>(threadIdx.x) % kTileW;
@@ -292,8 +310,8 @@ __global__ void __launch_bounds__(kThreads)
                               acc_t* __restrict__ partial,  // [N * C * tiles, taps_stride]
                               Geometry g, int taps_stride) {
   using Shape = TileShape<T, KC>;
-  __shared__ acc_t tile_x[Shape::kSize];
-  __shared__ acc_t tile_g[Shape::kSize];
+  __shared__ __align__(16) acc_t tile_x[Shape::kSize];
+  __shared__ __align__(16) acc_t tile_g[Shape::kSize];
   __shared__ acc_t flipped[KC * KC];
   const BlockPos p = block_pos(g);
   const int tid = static_cast<int>(threadIdx.x);

@@ -10,12 +10,17 @@ channels past an expert's width. Not what only a GPU shows (timing, alignment fa
 limits): the GPU tests in tests/ops still run these kernels on a device.
 
 Every output lies between NaN guard zones in a NaN-filled buffer: an element left unwritten, or
-a write or read outside its tensor, shows up as a NaN or a changed guard.
+a write or read outside its tensor, shows up as a NaN or a changed guard. The kernels are built
+with UndefinedBehaviorSanitizer's alignment and bounds checks: a report fails the call's test. A
+16-byte store to a misaligned address (one the GPU would fault on) reports and then crashes the
+process on x86's aligned store ("Fatal Python error: Segmentation fault" naming this file's
+test); the report is then in the test run's temporary directory, cuda_emulation*/ubsan.*.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,12 +42,36 @@ i64 = ctypes.c_int64
 ptr = ctypes.c_void_p
 
 
+class Emulated:
+    """The compiled kernels; each call fails the test when UndefinedBehaviorSanitizer reported a
+    misaligned or out-of-bounds access during it (a 16-byte shared-memory store at an address the
+    GPU would fault on runs fine on x86: the sanitizer is what sees it)."""
+
+    def __init__(self, dll: ctypes.CDLL, log_dir: Path) -> None:
+        self._dll, self._log_dir = dll, log_dir
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._dll, name)
+        fn.restype = None
+
+        def call(*args) -> None:
+            fn(*args)
+            reports = sorted(self._log_dir.glob("ubsan*"))
+            text = "".join(r.read_text() for r in reports)
+            for r in reports:
+                r.unlink()
+            assert not reports, f"{name}: undefined behaviour in the kernels:\n{text[-4000:]}"
+
+        return call
+
+
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> ctypes.CDLL:
+def kernels(tmp_path_factory) -> Emulated:
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("needs g++ to compile the emulated CUDA kernels")
-    lib = tmp_path_factory.mktemp("cuda_emulation") / "dwconv_kernels.so"
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    lib = build / "dwconv_kernels.so"
     includes = [f"-I{p}" for p in include_paths()[:1]]  # c10's headers only
     cmd = [
         compiler,
@@ -54,6 +83,7 @@ def kernels(tmp_path_factory) -> ctypes.CDLL:
         "-Wall",
         "-Werror",
         "-Wno-unknown-pragmas",
+        "-fsanitize=alignment,bounds",
         *includes,
         "-o",
         str(lib),
@@ -61,10 +91,9 @@ def kernels(tmp_path_factory) -> ctypes.CDLL:
     ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     assert done.returncode == 0, f"compiling the emulated kernels failed:\n{done.stderr[-4000:]}"
-    dll = ctypes.CDLL(str(lib))
-    for name in ("grouped_dwconv_fwd", "grouped_dwconv_bwd", "dwconv_gelu_gate_fwd", "dwconv_gelu_gate_bwd"):
-        getattr(dll, name).restype = None
-    return dll
+    # Read by the sanitizer's runtime when the library loads: report to files, keep running.
+    os.environ["UBSAN_OPTIONS"] = f"log_path={build / 'ubsan'}:halt_on_error=0:print_stacktrace=1"
+    return Emulated(ctypes.CDLL(str(lib)), build)
 
 
 class Guarded:

@@ -26,6 +26,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
@@ -36,6 +37,10 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
   unsigned int x, y;
 };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
