@@ -1,131 +1,22 @@
 """The CUDA kernels of grouped_dwconv and dwconv_gelu_gate, run on the CPU against the reference.
 
-CI has no GPU, so the CUDA kernels otherwise run only when a device is lent. Here their bodies
-(csrc/cuda/grouped_dwconv.cuh, dwconv_gelu_gate.cuh) are compiled with the host compiler against
-tests/csrc/cuda_emulation/cuda_shim.h, which runs each block as threads with real barriers and warp
-shuffles, and driven as the .cu files drive them (cuda_emulation/dwconv_kernels.cpp: the same
-geometry, 16-byte path and kernel class). That checks what the kernels compute: tile and halo
-indexing, the kernel classes, block decoding, the fixed-order weight-gradient sums, fills for
-channels past an expert's width. Not what only a GPU shows (timing, alignment faults, resource
-limits): the GPU tests in tests/ops still run these kernels on a device.
-
-Every output lies between NaN guard zones in a NaN-filled buffer: an element left unwritten, or
-a write or read outside its tensor, shows up as a NaN or a changed guard. The kernels are built
-with UndefinedBehaviorSanitizer's alignment and bounds checks: a report fails the call's test. A
-16-byte store to a misaligned address (one the GPU would fault on) reports and then crashes the
-process on x86's aligned store ("Fatal Python error: Segmentation fault" naming this file's
-test); the report is then in the test run's temporary directory, cuda_emulation*/ubsan.*.
+Their bodies (csrc/cuda/grouped_dwconv.cuh, dwconv_gelu_gate.cuh) run through the CUDA shim (see
+tests/csrc/_emulation.py), driven as the .cu files drive them (cuda_emulation/dwconv_kernels.cpp:
+the same geometry, 16-byte path and kernel class). That checks what the kernels compute: tile
+and halo indexing, the kernel classes, block decoding, the fixed-order weight-gradient sums,
+fills for channels past an expert's width. The GPU tests in tests/ops run them on a device.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import include_paths
 
 from moce_kernels import pack_dwconv_weights
 from moce_kernels.dwconv_gelu_gate.reference import dwconv_gelu_gate_reference
 from moce_kernels.grouped_dwconv.reference import grouped_dwconv_reference
-
-HERE = Path(__file__).resolve().parent / "cuda_emulation"
-GUARD = 64  # elements of NaN on each side of every buffer (a multiple of 16 bytes in both dtypes)
-DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
-
-i64 = ctypes.c_int64
-ptr = ctypes.c_void_p
-
-
-class Emulated:
-    """The compiled kernels; each call fails the test when UndefinedBehaviorSanitizer reported a
-    misaligned or out-of-bounds access during it (a 16-byte shared-memory store at an address the
-    GPU would fault on runs fine on x86: the sanitizer is what sees it)."""
-
-    def __init__(self, dll: ctypes.CDLL, log_dir: Path) -> None:
-        self._dll, self._log_dir = dll, log_dir
-
-    def __getattr__(self, name: str):
-        fn = getattr(self._dll, name)
-        fn.restype = None
-
-        def call(*args) -> None:
-            fn(*args)
-            reports = sorted(self._log_dir.glob("ubsan*"))
-            text = "".join(r.read_text() for r in reports)
-            for r in reports:
-                r.unlink()
-            assert not reports, f"{name}: undefined behaviour in the kernels:\n{text[-4000:]}"
-
-        return call
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> Emulated:
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("needs g++ to compile the emulated CUDA kernels")
-    build = tmp_path_factory.mktemp("cuda_emulation")
-    lib = build / "dwconv_kernels.so"
-    includes = [f"-I{p}" for p in include_paths()[:1]]  # c10's headers only
-    cmd = [
-        compiler,
-        "-std=c++20",
-        "-O1",
-        "-shared",
-        "-fPIC",
-        "-pthread",
-        "-Wall",
-        "-Werror",
-        "-Wno-unknown-pragmas",
-        "-fsanitize=alignment,bounds",
-        *includes,
-        "-o",
-        str(lib),
-        str(HERE / "dwconv_kernels.cpp"),
-    ]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    assert done.returncode == 0, f"compiling the emulated kernels failed:\n{done.stderr[-4000:]}"
-    # Read by the sanitizer's runtime when the library loads: report to files, keep running.
-    os.environ["UBSAN_OPTIONS"] = f"log_path={build / 'ubsan'}:halt_on_error=0:print_stacktrace=1"
-    return Emulated(ctypes.CDLL(str(lib)), build)
-
-
-class Guarded:
-    """A tensor in the middle of a NaN-filled buffer; ``check`` asserts the guards kept their bits."""
-
-    def __init__(self, shape, dtype, values: torch.Tensor | None = None) -> None:
-        numel = int(torch.Size(shape).numel())
-        self.buffer = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
-        self.tensor = self.buffer[GUARD : GUARD + numel].view(shape)
-        if values is not None:
-            self.tensor.copy_(values)
-
-    @property
-    def ptr(self) -> ptr:
-        return ptr(self.tensor.data_ptr())
-
-    def check(self, name: str) -> torch.Tensor:
-        guards = torch.cat([self.buffer[:GUARD], self.buffer[-GUARD:]])
-        assert guards.isnan().all(), f"{name}: a write outside the tensor"
-        assert not self.tensor.isnan().any(), f"{name}: elements left unwritten (NaN)"
-        return self.tensor
-
-
-def _int64s(values) -> ctypes.Array:
-    return (i64 * len(values))(*values)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    # float32: the same sums in another order; bfloat16: one rounding of the output (2^-8).
-    rtol, atol = (2e-5, 2e-5) if dtype == torch.float32 else (1.6e-2, 1e-2)
-    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol, msg=what)
-
+from tests.csrc._emulation import DTYPE_CODE, GUARD, Guarded, close, i64, int64s
 
 # (channels, kernel_sizes, rows per expert, H, W, K_max window): the trunk's single 3 x 3 and
 # 7 x 7 experts and the experts' 3 and 7 (the 3 x 3 and 7 x 7 classes), mixed sizes up to 9 (the
@@ -160,7 +51,9 @@ def _dwconv_case(channels, kernel_sizes, counts, height, width, k_max, dtype, se
 @pytest.mark.parametrize("scalar", [False, True], ids=["vectors", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("channels", "kernel_sizes", "counts", "height", "width", "k_max"), DWCONV_CASES)
-def test_grouped_dwconv_kernels(kernels, channels, kernel_sizes, counts, height, width, k_max, dtype, scalar):
+def test_grouped_dwconv_kernels(
+    emulated, channels, kernel_sizes, counts, height, width, k_max, dtype, scalar
+):
     x, weight, bias, offsets = _dwconv_case(channels, kernel_sizes, counts, height, width, k_max, dtype)
     n, c = x.shape[:2]
     e = len(channels)
@@ -172,9 +65,9 @@ def test_grouped_dwconv_kernels(kernels, channels, kernel_sizes, counts, height,
     want.backward(grad_y.float())
 
     args = (
-        _int64s(offsets),
-        _int64s(channels),
-        _int64s(kernel_sizes),
+        int64s(offsets),
+        int64s(channels),
+        int64s(kernel_sizes),
         e,
         i64(n),
         i64(c),
@@ -184,11 +77,11 @@ def test_grouped_dwconv_kernels(kernels, channels, kernel_sizes, counts, height,
     )
     gx_in, gw_in, gb_in, gy_in = (Guarded(t.shape, dtype, t) for t in (x, weight, bias, grad_y))
     y = Guarded(x.shape, dtype)
-    kernels.grouped_dwconv_fwd(DTYPE_CODE[dtype], gx_in.ptr, gw_in.ptr, gb_in.ptr, *args, y.ptr, int(scalar))
-    _close(y.check("y"), want, dtype, "y")
+    emulated.grouped_dwconv_fwd(DTYPE_CODE[dtype], gx_in.ptr, gw_in.ptr, gb_in.ptr, *args, y.ptr, int(scalar))
+    close(y.check("y"), want, dtype, "y")
 
     grad_x, grad_w, grad_b = Guarded(x.shape, dtype), Guarded(weight.shape, dtype), Guarded(bias.shape, dtype)
-    kernels.grouped_dwconv_bwd(
+    emulated.grouped_dwconv_bwd(
         DTYPE_CODE[dtype],
         gy_in.ptr,
         gx_in.ptr,
@@ -199,14 +92,14 @@ def test_grouped_dwconv_kernels(kernels, channels, kernel_sizes, counts, height,
         grad_b.ptr,
         int(scalar),
     )
-    _close(grad_x.check("grad_x"), xr.grad, dtype, "grad_x")
+    close(grad_x.check("grad_x"), xr.grad, dtype, "grad_x")
     # Weight and bias gradients sum over whole images: compared relative to their scale.
     for got, ref, name in ((grad_w, wr.grad, "grad_w"), (grad_b, br.grad, "grad_b")):
         scale = ref.abs().max().clamp_min(1.0)
-        _close(got.check(name) / scale, ref / scale, dtype, name)
+        close(got.check(name) / scale, ref / scale, dtype, name)
 
 
-def test_grouped_dwconv_rows_no_expert_owns_get_nan(kernels):
+def test_grouped_dwconv_rows_no_expert_owns_get_nan(emulated):
     """Offsets that stop short of N (never from a RoutingPlan): the rows past them are NaN, the
     others exact, and nothing outside the output is written."""
     x, weight, bias, _ = _dwconv_case((4,), (3,), (3,), 9, 16, 3, torch.float32)
@@ -214,14 +107,14 @@ def test_grouped_dwconv_rows_no_expert_owns_get_nan(kernels):
     want = grouped_dwconv_reference(x[:2], weight, bias, offsets, [4], [3])
     gx, gw, gb = (Guarded(t.shape, torch.float32, t) for t in (x, weight, bias))
     y = Guarded(x.shape, torch.float32)
-    kernels.grouped_dwconv_fwd(
+    emulated.grouped_dwconv_fwd(
         0,
         gx.ptr,
         gw.ptr,
         gb.ptr,
-        _int64s(offsets),
-        _int64s([4]),
-        _int64s([3]),
+        int64s(offsets),
+        int64s([4]),
+        int64s([3]),
         1,
         i64(3),
         i64(4),
@@ -234,7 +127,7 @@ def test_grouped_dwconv_rows_no_expert_owns_get_nan(kernels):
     guards = torch.cat([y.buffer[:GUARD], y.buffer[-GUARD:]])
     assert guards.isnan().all()
     assert y.tensor[2].isnan().all()
-    _close(y.tensor[:2], want, torch.float32, "rows with an expert")
+    close(y.tensor[:2], want, torch.float32, "rows with an expert")
 
 
 GATE_CASES = [
@@ -248,7 +141,7 @@ GATE_CASES = [
 @pytest.mark.parametrize("scalar", [False, True], ids=["vectors", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("batch", "ch", "k", "height", "width", "has_bias"), GATE_CASES)
-def test_dwconv_gelu_gate_kernels(kernels, batch, ch, k, height, width, has_bias, dtype, scalar):
+def test_dwconv_gelu_gate_kernels(emulated, batch, ch, k, height, width, has_bias, dtype, scalar):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(batch, 2 * ch, height, width, generator=g).to(dtype)
     weight = (torch.randn(2 * ch, k, k, generator=g) / k).to(dtype)
@@ -265,11 +158,13 @@ def test_dwconv_gelu_gate_kernels(kernels, batch, ch, k, height, width, has_bias
     bias_ptr = gb_in.ptr if has_bias else None
     dims = (i64(batch), i64(ch), i64(height), i64(width), i64(k))
     y = Guarded(grad_y.shape, dtype)
-    kernels.dwconv_gelu_gate_fwd(DTYPE_CODE[dtype], gx_in.ptr, gw_in.ptr, bias_ptr, *dims, y.ptr, int(scalar))
-    _close(y.check("y"), want, dtype, "y")
+    emulated.dwconv_gelu_gate_fwd(
+        DTYPE_CODE[dtype], gx_in.ptr, gw_in.ptr, bias_ptr, *dims, y.ptr, int(scalar)
+    )
+    close(y.check("y"), want, dtype, "y")
 
     grad_x, grad_w, grad_b = Guarded(x.shape, dtype), Guarded(weight.shape, dtype), Guarded((2 * ch,), dtype)
-    kernels.dwconv_gelu_gate_bwd(
+    emulated.dwconv_gelu_gate_bwd(
         DTYPE_CODE[dtype],
         gy_in.ptr,
         gx_in.ptr,
@@ -281,8 +176,8 @@ def test_dwconv_gelu_gate_kernels(kernels, batch, ch, k, height, width, has_bias
         grad_b.ptr,
         int(scalar),
     )
-    _close(grad_x.check("grad_x"), xr.grad, dtype, "grad_x")
+    close(grad_x.check("grad_x"), xr.grad, dtype, "grad_x")
     want_b = br.grad if has_bias else torch.zeros(2 * ch)
     for got, ref, name in ((grad_w, wr.grad, "grad_w"), (grad_b, want_b, "grad_b")):
         scale = ref.abs().max().clamp_min(1.0)
-        _close(got.check(name) / scale, ref / scale, dtype, name)
+        close(got.check(name) / scale, ref / scale, dtype, name)

@@ -1,0 +1,101 @@
+// The CUDA kernels of layernorm2d (csrc/cuda/layernorm2d.cuh) on the CPU, driven as
+// csrc/cuda/layernorm2d.cu drives them (block sizes, 16-byte path, per-warp partial sums).
+// dtype 0 = float32, 1 = bfloat16; statistics and parameters in float32.
+#include "cuda_shim.h"
+
+// clang-format off: the shim must come first.
+#include "../../../csrc/cuda/layernorm2d.cuh"
+// clang-format on
+
+#include <c10/util/BFloat16.h>
+
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kReduceThreads = 256;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+unsigned int grid_for(int64_t threads_needed, int block) {
+  return static_cast<unsigned int>((threads_needed + block - 1) / block);
+}
+
+template <typename Body>
+void with_dtype(int dtype, const Body& body) {
+  if (dtype == 0) {
+    body(float{});
+  } else {
+    body(c10::BFloat16{});
+  }
+}
+
+template <typename T, typename Launch>
+void with_vector_width(bool vec, const Launch& launch) {
+  if (vec) {
+    launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y, mean, rstd of x [B, C, H * W = N]; w, b [C] float32.
+void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, int64_t B, int64_t C, int64_t N,
+                     float eps, void* y, float* mean, float* rstd, int scalar) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int vec = 16 / static_cast<int>(sizeof(T));
+    const bool use_vec = !scalar && N % vec == 0 && aligned16(x) && aligned16(y);
+    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const int64_t packs_per_image = N / V;
+      const int64_t total = B * packs_per_image;
+      emu::launch(grid_for(total, kThreads), kThreads, moce::cuda::layernorm2d_fwd_kernel<T, float, V>,
+                  static_cast<const T*>(x), w, b, static_cast<T*>(y), mean, rstd, total, packs_per_image, C, N, eps);
+    });
+  });
+}
+
+// grad_x [B, C, N], grad_w and grad_b [C] (float32).
+void layernorm2d_bwd(int dtype, const void* grad_y, const void* x, const float* w, const float* mean,
+                     const float* rstd, int64_t B, int64_t C, int64_t N, void* grad_x, float* grad_w, float* grad_b,
+                     int scalar) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int vec = 16 / static_cast<int>(sizeof(T));
+    const bool use_vec = !scalar && N % vec == 0 && aligned16(x) && aligned16(grad_y) && aligned16(grad_x);
+    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+      constexpr int V = decltype(vec_tag)::value;
+      const int64_t packs_per_image = N / V;
+      const int64_t total = B * packs_per_image;
+      const int64_t num_warps = (total + moce::cuda::kWarpSize - 1) / moce::cuda::kWarpSize;
+      // Every entry is written by the first kernel: NaN shows one that is not.
+      std::vector<float> partial_w(static_cast<size_t>(C * num_warps), std::numeric_limits<float>::quiet_NaN());
+      std::vector<float> partial_b(partial_w);
+      emu::launch(grid_for(total, kThreads), kThreads, moce::cuda::layernorm2d_bwd_kernel<T, float, V>,
+                  static_cast<const T*>(grad_y), static_cast<const T*>(x), w, mean, rstd, static_cast<T*>(grad_x),
+                  partial_w.data(), partial_b.data(), total, packs_per_image, C, N, num_warps);
+      emu::launch(static_cast<unsigned int>(C), kReduceThreads,
+                  moce::cuda::layernorm2d_bwd_weight_kernel<float, kReduceThreads>,
+                  static_cast<const float*>(partial_w.data()), static_cast<const float*>(partial_b.data()), grad_w,
+                  grad_b, num_warps);
+    });
+  });
+}
+
+// What the shim reported since the last call ("" if nothing): warp primitives or barriers with
+// returned threads.
+const char* emulation_errors() {
+  static std::string last;
+  last = emu::take_errors();
+  return last.c_str();
+}
+
+}  // extern "C"
