@@ -23,10 +23,12 @@ def grouped_layernorm2d(
     channels: Sequence[int],
     eps: float = 1e-5,
     *,
+    gate: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Expert e's LayerNorm2d (``weight[e]``, ``bias[e]``) over the first ``channels[e]`` channels
-    of its rows: ``(x - mean) / sqrt(var + eps) * weight + bias`` at every pixel.
+    of its rows: ``(x - mean) / sqrt(var + eps) * weight + bias`` at every pixel, times ``gate``
+    when given (the expert's ``LN(attention) * v``: the product never goes to memory unrounded).
 
     Args:
         x: [N, C_max, H, W] float rows sorted by expert; expert e owns rows
@@ -36,14 +38,18 @@ def grouped_layernorm2d(
         offsets: [E + 1] int64 / int32 row offsets on x's device (``RoutingPlan.offsets``).
         channels: E ints in 1..C_max.
         eps: added to the population variance, > 0.
+        gate: None, or [N, C_max, H, W] (x's shape, any float dtype, x's device): the result is
+            ``LN(x) * gate`` computed in the statistics' dtype and rounded once to the gate's
+            dtype (the gate's channels past each expert's are never read).
         backend: "auto" (the Triton kernel on a GPU, else the reference), "reference" (masked
             statistics over C_max channels, no host read) or "triton" (one pass over each row's
             own channels, deterministic parameter gradients). No C++ / CUDA kernel yet: a model on
             backend "cpu" / "cuda" runs the reference for this op.
 
     Returns:
-        [N, C_max, H, W] in x's dtype (statistics in float32, float64 for float64 input); channels
-        past ``channels[e]`` of expert e's rows are exact zeros. Differentiable in x, weight, bias.
+        [N, C_max, H, W] in x's dtype, the gate's with a gate (statistics in float32, float64 for
+        float64 input); channels past ``channels[e]`` of expert e's rows are exact zeros.
+        Differentiable in x, weight, bias and gate.
 
     Raises:
         TypeError / ValueError: wrong type, rank, dtype, device or shape, channel counts out of
@@ -59,6 +65,9 @@ def grouped_layernorm2d(
     check_shape("bias", bias, (num_experts, x.shape[1]))
     check_shape("offsets", offsets, (num_experts + 1,))
     check_channels("channels", channels, num_experts, x.shape[1])
+    if gate is not None:
+        check_tensor("gate", gate, ndim=4, dtypes=FLOAT_DTYPES, device=x.device)
+        check_shape("gate", gate, tuple(x.shape))
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float > 0, got {type(eps).__name__} ({eps!r})")
     if not float(eps) > 0:
@@ -67,5 +76,7 @@ def grouped_layernorm2d(
         check_offsets_on_host(offsets, x.shape[0])
     chosen = resolve_backend("grouped_layernorm2d", backend, x.device)
     if chosen == "reference":
-        return grouped_layernorm2d_reference(x, weight, bias, offsets, channels, float(eps))
-    return implementation("grouped_layernorm2d", chosen)(x, weight, bias, offsets, list(channels), float(eps))
+        return grouped_layernorm2d_reference(x, weight, bias, offsets, channels, float(eps), gate)
+    return implementation("grouped_layernorm2d", chosen)(
+        x, weight, bias, offsets, list(channels), float(eps), gate
+    )

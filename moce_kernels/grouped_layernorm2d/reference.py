@@ -22,6 +22,7 @@ def grouped_layernorm2d_reference(
     offsets: torch.Tensor,
     channels: Sequence[int],
     eps: float = 1e-5,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See :func:`moce_kernels.grouped_layernorm2d` (arguments are assumed valid here)."""
     rows, c_max = x.shape[:2]
@@ -37,5 +38,8 @@ def grouped_layernorm2d_reference(
     w_rows = per_row(weight.to(acc).masked_fill(~mask, 0), experts_of_rows)[:, :, None, None]
     b_rows = per_row(bias.to(acc).masked_fill(~mask, 0), experts_of_rows)[:, :, None, None]
     y = centred / torch.sqrt(var + eps) * w_rows + b_rows
+    if gate is not None:
+        # In the accumulation type, rounded once to the gate's dtype.
+        y = y * gate.to(acc)
     # Exact zeros past the expert's channels, even when NaN in its own channels makes var NaN.
-    return y.masked_fill(~row_mask, 0).to(x.dtype)
+    return y.masked_fill(~row_mask, 0).to(x.dtype if gate is None else gate.dtype)

@@ -73,7 +73,8 @@ def grouped_layernorm2d_fwd_kernel(
     b_ptr,  # [E, C_MAX]
     off_ptr,  # [E + 1] int32 / int64 row offsets
     meta_ptr,  # [2 * E] int32: channels (twice, see _expert_meta)
-    y_ptr,  # [N, C_MAX, HW], x's dtype
+    gate_ptr,  # [N, C_MAX, HW] (unused without HAS_GATE)
+    y_ptr,  # [N, C_MAX, HW], the gate's dtype with HAS_GATE, else x's
     mean_ptr,  # [N, HW], ACC
     rstd_ptr,  # [N, HW], ACC
     C_MAX,
@@ -84,6 +85,7 @@ def grouped_layernorm2d_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     ACC: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -96,6 +98,7 @@ def grouped_layernorm2d_fwd_kernel(
     # starts: fewer registers than int64 offsets per element.
     x_row = x_ptr + row * C_MAX * HW
     y_row = y_ptr + row * C_MAX * HW
+    gate_row = gate_ptr + row * C_MAX * HW
     w_row = w_ptr + e * C_MAX
     b_row = b_ptr + e * C_MAX
     chan = tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -111,8 +114,11 @@ def grouped_layernorm2d_fwd_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_e + eps)
         w = tl.load(w_row + chan, mask=cmask, other=0.0).to(ACC)
         b = tl.load(b_row + chan, mask=cmask, other=0.0).to(ACC)
+        y = xc * rstd[None, :] * w[:, None] + b[:, None]
+        if HAS_GATE:
+            y = y * tl.load(gate_row + offs, mask=mask, other=0.0).to(ACC)
         # where(): exact zeros past the expert's channels even where a NaN made rstd NaN.
-        y = tl.where(mask, xc * rstd[None, :] * w[:, None] + b[:, None], 0.0)
+        y = tl.where(mask, y, 0.0)
         tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=(chan < C_MAX)[:, None] & pmask[None, :])
     else:
         # Chan's combination of per-chunk (count, mean, centred sum of squares) of x - shift,
@@ -144,6 +150,8 @@ def grouped_layernorm2d_fwd_kernel(
             w = tl.load(w_row + c0 + chan, mask=cmask, other=0.0).to(ACC)
             b = tl.load(b_row + c0 + chan, mask=cmask, other=0.0).to(ACC)
             y = ((x - shift[None, :]) - mean_s[None, :]) * rstd[None, :] * w[:, None] + b[:, None]
+            if HAS_GATE:
+                y = y * tl.load(gate_row + offs, mask=mask, other=0.0).to(ACC)
             y = tl.where(mask, y, 0.0)
             out_mask = ((c0 + chan) < C_MAX)[:, None] & pmask[None, :]
             tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -154,39 +162,59 @@ def grouped_layernorm2d_fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(
-    gy_row, x_row, gx_row, mean_row, rstd_row, w, chan, cmask, pix, n_e, C_MAX, HW, ACC: tl.constexpr
+def _gated_grad(
+    gy_row, gate_row, gg_row, offs, mask, out_mask, xhat, w, b, HAS_GATE: tl.constexpr, ACC: tl.constexpr
 ):
-    """Store grad x of one [BLOCK_C, BLOCK_P] tile of a row (all its channels in registers);
-    return the tile's per-channel sums of grad y * xhat and of grad y ([BLOCK_C] each)."""
+    """grad y of the LayerNorm's own output: with HAS_GATE (y = LN(x) * gate), ``grad y * gate``,
+    storing grad gate = ``grad y * LN(x)`` (exact zeros past the expert's channels); else grad y."""
+    gy = tl.load(gy_row + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_GATE:
+        gate = tl.load(gate_row + offs, mask=mask, other=0.0).to(ACC)
+        grad_gate = tl.where(mask, gy * (xhat * w[:, None] + b[:, None]), 0.0)
+        tl.store(gg_row + offs, grad_gate.to(gg_row.dtype.element_ty), mask=out_mask)
+        gy = gy * gate
+    return gy
+
+
+@triton.jit
+def _bwd_tile(
+    gy_row, x_row, gx_row, gate_row, gg_row, mean_row, rstd_row, w, b, chan, cmask, pix, n_e, C_MAX, HW,
+    HAS_GATE: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Store grad x (and grad gate) of one [BLOCK_C, BLOCK_P] tile of a row (all its channels in
+    registers); return the tile's per-channel sums of grad y * xhat and of grad y ([BLOCK_C]
+    each; grad y of the LayerNorm's output, i.e. times the gate with HAS_GATE)."""
     pmask = pix < HW
     mask = cmask[:, None] & pmask[None, :]
     offs = chan[:, None] * HW + pix[None, :]
+    out_mask = (chan < C_MAX)[:, None] & pmask[None, :]
     mean = tl.load(mean_row + pix, mask=pmask, other=0.0).to(ACC)
     rstd = tl.load(rstd_row + pix, mask=pmask, other=0.0).to(ACC)
     x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-    gy = tl.load(gy_row + offs, mask=mask, other=0.0).to(ACC)
     xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+    gy = _gated_grad(gy_row, gate_row, gg_row, offs, mask, out_mask, xhat, w, b, HAS_GATE, ACC)
     wgy = gy * w[:, None]
     mean_wgy_xhat = tl.sum(wgy * xhat, 0) / n_e
     mean_wgy = tl.sum(wgy, 0) / n_e
     gx = (wgy - xhat * mean_wgy_xhat[None, :] - mean_wgy[None, :]) * rstd[None, :]
     gx = tl.where(mask, gx, 0.0)
-    out_mask = (chan < C_MAX)[:, None] & pmask[None, :]
     tl.store(gx_row + offs, gx.to(gx_row.dtype.element_ty), mask=out_mask)
     return tl.sum(gy * xhat, 1), tl.sum(gy, 1)
 
 
 @triton.jit
 def grouped_layernorm2d_bwd_kernel(
-    gy_ptr,  # [N, C_MAX, HW], x's dtype
+    gy_ptr,  # [N, C_MAX, HW], the forward output's dtype
     x_ptr,  # [N, C_MAX, HW]
     w_ptr,  # [E, C_MAX]
+    b_ptr,  # [E, C_MAX] (unused without HAS_GATE)
+    gate_ptr,  # [N, C_MAX, HW] (unused without HAS_GATE)
     off_ptr,  # [E + 1]
     meta_ptr,  # [2 * E] int32
     mean_ptr,  # [N, HW], ACC
     rstd_ptr,  # [N, HW], ACC
     gx_ptr,  # [N, C_MAX, HW], x's dtype
+    gg_ptr,  # [N, C_MAX, HW], the gate's dtype (unused without HAS_GATE)
     part_w_ptr,  # [N * chunks, C_MAX], ACC: this chunk's sums of gy * xhat per channel
     part_b_ptr,  # [N * chunks, C_MAX], ACC: this chunk's sums of gy per channel
     C_MAX,
@@ -198,6 +226,7 @@ def grouped_layernorm2d_bwd_kernel(
     BLOCK_P: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     LOOP_TILES: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     ACC: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -210,9 +239,12 @@ def grouped_layernorm2d_bwd_kernel(
     x_row = x_ptr + row_start
     gy_row = gy_ptr + row_start
     gx_row = gx_ptr + row_start
+    gate_row = gate_ptr + row_start
+    gg_row = gg_ptr + row_start
     mean_row = mean_ptr + row * HW
     rstd_row = rstd_ptr + row * HW
     w_row = w_ptr + e * C_MAX
+    b_row = b_ptr + e * C_MAX
     chan = tl.arange(0, BLOCK_C)
     start = chunk * chunk_len
     # grad x = rstd * (w*gy - mean_c(w*gy) - xhat * mean_c(w*gy*xhat)), xhat = (x - mean) * rstd,
@@ -221,6 +253,9 @@ def grouped_layernorm2d_bwd_kernel(
     if SINGLE_TILE:
         cmask = chan < c_e
         w = tl.load(w_row + chan, mask=cmask, other=0.0).to(ACC)
+        b = tl.zeros([BLOCK_C], dtype=ACC)
+        if HAS_GATE:
+            b = tl.load(b_row + chan, mask=cmask, other=0.0).to(ACC)
         tile = tl.arange(0, BLOCK_P)
         if LOOP_TILES:
             # The chunk's per-channel sums stay in registers across its tiles: one partial per chunk.
@@ -228,14 +263,16 @@ def grouped_layernorm2d_bwd_kernel(
             sum_gy = tl.zeros([BLOCK_C], dtype=ACC)
             for p0 in range(start, tl.minimum(start + chunk_len, HW), BLOCK_P):
                 tile_gy_xhat, tile_gy = _bwd_tile(
-                    gy_row, x_row, gx_row, mean_row, rstd_row, w, chan, cmask, p0 + tile, n_e, C_MAX, HW, ACC
-                )
+                    gy_row, x_row, gx_row, gate_row, gg_row, mean_row, rstd_row, w, b, chan, cmask, p0 + tile,
+                    n_e, C_MAX, HW, HAS_GATE, ACC,
+                )  # fmt: skip
                 sum_gy_xhat += tile_gy_xhat
                 sum_gy += tile_gy
         else:
             sum_gy_xhat, sum_gy = _bwd_tile(
-                gy_row, x_row, gx_row, mean_row, rstd_row, w, chan, cmask, start + tile, n_e, C_MAX, HW, ACC
-            )
+                gy_row, x_row, gx_row, gate_row, gg_row, mean_row, rstd_row, w, b, chan, cmask, start + tile,
+                n_e, C_MAX, HW, HAS_GATE, ACC,
+            )  # fmt: skip
         tl.store(part_w_ptr + part_row + chan, sum_gy_xhat, mask=cmask)
         tl.store(part_b_ptr + part_row + chan, sum_gy, mask=cmask)
     else:
@@ -253,6 +290,8 @@ def grouped_layernorm2d_bwd_kernel(
             offs = (c0 + chan[:, None]) * HW + pix[None, :]
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
             gy = tl.load(gy_row + offs, mask=mask, other=0.0).to(ACC)
+            if HAS_GATE:
+                gy = gy * tl.load(gate_row + offs, mask=mask, other=0.0).to(ACC)
             w = tl.load(w_row + c0 + chan, mask=cmask, other=0.0).to(ACC)
             xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
             wgy = gy * w[:, None]
@@ -264,14 +303,17 @@ def grouped_layernorm2d_bwd_kernel(
             cmask = (c0 + chan) < c_e
             mask = cmask[:, None] & pmask[None, :]
             offs = (c0 + chan[:, None]) * HW + pix[None, :]
+            out_mask = ((c0 + chan) < C_MAX)[:, None] & pmask[None, :]
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC)
-            gy = tl.load(gy_row + offs, mask=mask, other=0.0).to(ACC)
             w = tl.load(w_row + c0 + chan, mask=cmask, other=0.0).to(ACC)
+            b = tl.zeros([BLOCK_C], dtype=ACC)
+            if HAS_GATE:
+                b = tl.load(b_row + c0 + chan, mask=cmask, other=0.0).to(ACC)
             xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+            gy = _gated_grad(gy_row, gate_row, gg_row, offs, mask, out_mask, xhat, w, b, HAS_GATE, ACC)
             wgy = gy * w[:, None]
             gx = (wgy - xhat * mean_wgy_xhat[None, :] - mean_wgy[None, :]) * rstd[None, :]
             gx = tl.where(mask, gx, 0.0)
-            out_mask = ((c0 + chan) < C_MAX)[:, None] & pmask[None, :]
             tl.store(gx_row + offs, gx.to(gx_ptr.dtype.element_ty), mask=out_mask)
             tl.store(part_w_ptr + part_row + c0 + chan, tl.sum(gy * xhat, 1), mask=cmask)
             tl.store(part_b_ptr + part_row + c0 + chan, tl.sum(gy, 1), mask=cmask)
@@ -340,9 +382,13 @@ def _chunk_len(rows: int, pixels: int, block_c: int, block_p: int, single: bool)
     return block_p * max(1, min(_MAX_CHUNK_TILES, rows * tiles // _BWD_PROGRAMS))
 
 
-def _check_layout(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, channels) -> None:
+def _check_layout(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, channels, gate: torch.Tensor | None = None
+) -> None:
     """The ops can be called directly (``torch.ops.moce_triton``): refuse what would read out of
     bounds (the public function checks everything, with clearer messages)."""
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
     if x.dim() != 4 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"x must be [N, C_max, H, W] and weight [E, C_max], got {tuple(x.shape)} and "
@@ -368,13 +414,16 @@ def grouped_layernorm2d_fwd(
     offsets: torch.Tensor,
     channels: list[int],
     eps: float,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y [N, C_max, H, W] in x's dtype, mean and rstd [N, H, W] in float32 (float64 for float64 x)."""
-    _check_layout(x, weight, offsets, channels)
+    """y [N, C_max, H, W] (``LN(x) * gate`` in the gate's dtype with a gate, else ``LN(x)`` in x's
+    dtype), mean and rstd [N, H, W] in float32 (float64 for float64 x)."""
+    _check_layout(x, weight, offsets, channels, gate)
     x, weight, bias, offsets = (t.contiguous() for t in (x, weight, bias, offsets))
+    gate = None if gate is None else gate.contiguous()
     rows, c_max, height, width = x.shape
     acc_torch, acc_tl = _acc_dtype(x)
-    y = _empty(x.shape, x.dtype, x.device)
+    y = _empty(x.shape, x.dtype if gate is None else gate.dtype, x.device)
     mean = _empty((rows, height, width), acc_torch, x.device)
     rstd = _empty((rows, height, width), acc_torch, x.device)
     if x.numel() == 0:
@@ -384,10 +433,10 @@ def grouped_layernorm2d_fwd(
     num_experts = weight.shape[0]
     with _device_guard(x):
         grouped_layernorm2d_fwd_kernel[(triton.cdiv(pixels, block_p), rows)](
-            x, weight, bias, offsets, _expert_meta(channels, x.device), y, mean, rstd,
-            c_max, pixels, num_experts, float(eps),
+            x, weight, bias, offsets, _expert_meta(channels, x.device), x if gate is None else gate, y,
+            mean, rstd, c_max, pixels, num_experts, float(eps),
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=block_c, BLOCK_P=block_p,
-            SINGLE_TILE=single, ACC=acc_tl, num_warps=num_warps,
+            SINGLE_TILE=single, HAS_GATE=gate is not None, ACC=acc_tl, num_warps=num_warps,
         )  # fmt: skip
     return y, mean, rstd
 
@@ -400,27 +449,38 @@ def grouped_layernorm2d_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     channels: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad x [N, C_max, H, W] in x's dtype, grad weight, grad bias [E, C_max] in weight's dtype).
+    gate: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x [N, C_max, H, W] in x's dtype, grad weight, grad bias [E, C_max] in weight's dtype,
+    grad gate [N, C_max, H, W] in the gate's dtype, or an empty tensor without a gate).
 
-    The parameter gradients are zero past each expert's channels and for experts without rows,
-    and the same bits on every run.
+    With a gate (the forward's ``LN(x) * gate``) the bias is needed too (grad gate = grad y *
+    LN(x)). The parameter gradients are zero past each expert's channels and for experts without
+    rows, and the same bits on every run.
     """
-    _check_layout(x, weight, offsets, channels)
+    _check_layout(x, weight, offsets, channels, gate)
+    if gate is not None and bias is None:
+        raise ValueError("grouped_layernorm2d_bwd: a gate needs the bias (grad gate = grad y * LN(x))")
     grad_y, x, weight, offsets, mean, rstd = (
         t.contiguous() for t in (grad_y, x, weight, offsets, mean, rstd)
     )
+    gate = None if gate is None else gate.contiguous()
+    bias = weight if gate is None else bias.contiguous()  # read only with a gate
     rows, c_max, height, width = x.shape
     num_experts = weight.shape[0]
     acc_torch, acc_tl = _acc_dtype(x)
     grad_x = _empty(x.shape, x.dtype, x.device)
     grad_weight = _empty(weight.shape, weight.dtype, weight.device)
     grad_bias = _empty(weight.shape, weight.dtype, weight.device)
+    grad_gate = _empty(
+        (0,) if gate is None else gate.shape, x.dtype if gate is None else gate.dtype, x.device
+    )
     if x.numel() == 0:
         # No pixels: nothing flows back to the parameters.
         grad_weight.zero_()
         grad_bias.zero_()
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, grad_gate
     pixels = height * width
     block_c, block_p, single, num_warps = _blocks(c_max, pixels)
     chunk_len = _chunk_len(rows, pixels, block_c, block_p, single)
@@ -433,31 +493,34 @@ def grouped_layernorm2d_bwd(
     c_blocks = triton.cdiv(c_max, reduce_c)
     with _device_guard(x):
         grouped_layernorm2d_bwd_kernel[(chunks, rows)](
-            grad_y, x, weight, offsets, meta, mean, rstd, grad_x, part_w, part_b,
-            c_max, pixels, num_experts, chunk_len,
+            grad_y, x, weight, bias, x if gate is None else gate, offsets, meta, mean, rstd, grad_x,
+            grad_x if gate is None else grad_gate, part_w, part_b, c_max, pixels, num_experts, chunk_len,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=block_c, BLOCK_P=block_p,
-            SINGLE_TILE=single, LOOP_TILES=chunk_len > block_p, ACC=acc_tl, num_warps=num_warps,
+            SINGLE_TILE=single, LOOP_TILES=chunk_len > block_p, HAS_GATE=gate is not None, ACC=acc_tl,
+            num_warps=num_warps,
         )  # fmt: skip
         grouped_layernorm2d_reduce_kernel[(num_experts * c_blocks,)](
             part_w, part_b, offsets, meta, grad_weight, grad_bias, c_max, chunks, c_blocks,
             BLOCK_R=_REDUCE_BLOCK_R, BLOCK_C=reduce_c, ACC=acc_tl, num_warps=4,
         )  # fmt: skip
-    return grad_x, grad_weight, grad_bias
+    return grad_x, grad_weight, grad_bias, grad_gate
 
 
 # --- torch.library registration ----------------------------------------------------------------
 
 
-def _grouped_layernorm2d_fwd_fake(x, weight, bias, offsets, channels, eps):
+def _grouped_layernorm2d_fwd_fake(x, weight, bias, offsets, channels, eps, gate=None):
     torch._check(x.dim() == 4, lambda: f"x must be [N, C_max, H, W], got shape {tuple(x.shape)}")
     rows, _, height, width = x.shape
     acc = _acc_dtype(x)[0]
     stats = (rows, height, width)
-    return x.new_empty(x.shape), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
+    y = x.new_empty(x.shape, dtype=x.dtype if gate is None else gate.dtype)
+    return y, x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc)
 
 
-def _grouped_layernorm2d_bwd_fake(grad_y, x, weight, offsets, mean, rstd, channels):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+def _grouped_layernorm2d_bwd_fake(grad_y, x, weight, offsets, mean, rstd, channels, gate=None, bias=None):
+    grad_gate = x.new_empty((0,)) if gate is None else gate.new_empty(gate.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape), grad_gate
 
 
 _library.define_triton(
@@ -477,16 +540,17 @@ def grouped_layernorm2d_triton(
     offsets: torch.Tensor,
     channels: list[int],
     eps: float,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every expert's LayerNorm2d over its own channels in one Triton launch (GPU, or the
-    interpreter).
+    interpreter), times ``gate`` when given.
 
     Arguments as ``moce_kernels.grouped_layernorm2d`` (which validates them first): x
     [N, C_max, H, W], weight and bias [E, C_max] (any float dtype), offsets [E + 1] on x's device
-    (never read on the host), channels a list of E ints. Non-contiguous inputs are copied to
-    contiguous first. Returns [N, C_max, H, W] contiguous in x's dtype, exact zeros past each
-    expert's channels; differentiable in x, weight and bias (grad weight / grad bias
-    deterministic, in their own dtypes).
+    (never read on the host), channels a list of E ints, gate None or x's shape. Non-contiguous
+    inputs are copied to contiguous first. Returns [N, C_max, H, W] contiguous in x's dtype (the
+    gate's with a gate), exact zeros past each expert's channels; differentiable in x, weight,
+    bias and gate (grad weight / grad bias deterministic, in their own dtypes).
     """
     y, _mean, _rstd = torch.ops.moce_triton.grouped_layernorm2d_fwd(
         x.contiguous(),
@@ -495,5 +559,6 @@ def grouped_layernorm2d_triton(
         offsets.contiguous(),
         list(channels),
         float(eps),
+        None if gate is None else gate.contiguous(),
     )
     return y

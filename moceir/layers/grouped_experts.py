@@ -155,10 +155,12 @@ def _run(
         fft = grouped_patch_fft_conv(
             q, k, offsets, ranks, p.patch_sizes, backend=op_backend("grouped_patch_fft_conv", backend)
         )  # float32
-        normed = grouped_layernorm2d(
-            fft, *p.norm, offsets, ranks, p.eps, backend=op_backend("grouped_layernorm2d", backend)
+        # LN(fft) * v in one pass: the float32 LayerNorm output never goes to memory, and the
+        # product is rounded once to v's dtype (as (normed * v).to(v.dtype) rounds it).
+        normed_v = grouped_layernorm2d(
+            fft, *p.norm, offsets, ranks, p.eps, gate=v, backend=op_backend("grouped_layernorm2d", backend)
         )
-        out = pointwise((normed * v).to(v.dtype), p.proj_out, ranks, ranks) * gating
+        out = pointwise(normed_v, p.proj_out, ranks, ranks) * gating
         if step == depth - 1:
             # The skip connection: the images themselves after one step, else the chained rows.
             combined = pointwise_combine(

@@ -287,6 +287,25 @@ BAD_CALLS = [
         id="ln-channels",
     ),
     pytest.param(
+        lambda: grouped_layernorm2d(_X, torch.zeros(2, 4), torch.zeros(2, 4), _OFF, [4, 4], gate=_X[:, :3]),
+        ValueError,
+        "gate must have shape",
+        id="ln-gate-shape",
+    ),
+    pytest.param(
+        lambda: grouped_layernorm2d(
+            _X,
+            torch.zeros(2, 4),
+            torch.zeros(2, 4),
+            _OFF,
+            [4, 4],
+            gate=torch.zeros(_X.shape, dtype=torch.int64),
+        ),
+        TypeError,
+        "gate must have dtype in",
+        id="ln-gate-dtype",
+    ),
+    pytest.param(
         lambda: grouped_patch_fft_conv(_X, _X[:, :3], _OFF, [4, 4], [4, 8]),
         ValueError,
         "k must have shape",

@@ -28,6 +28,7 @@ from tests.ops._helpers import (
     aot_resource_usage,
     assert_close_scaled,
     misaligned,
+    nan_filled_torch_empty,
     skip_unless_triton_usable,
 )
 
@@ -115,8 +116,8 @@ def run(fn, x, weight, bias, offsets, channels, grad_out, eps=1e-5):
     return out, *torch.autograd.grad(out, leaves, grad_out)
 
 
-def triton_public(x, weight, bias, offsets, channels, eps):
-    return grouped_layernorm2d(x, weight, bias, offsets, channels, eps, backend="triton")
+def triton_public(x, weight, bias, offsets, channels, eps, gate=None):
+    return grouped_layernorm2d(x, weight, bias, offsets, channels, eps, gate=gate, backend="triton")
 
 
 def row_rstd(x, offsets, channels, eps):
@@ -204,6 +205,83 @@ def test_model_ranks_match_reference():
     # The sync-free expert path: float32 FFT output, ranks C/8 .. C of a C = 96 level, one row
     # each (C_max = 96 in a 128-channel tile).
     assert_matches_reference(make_case((12, 24, 48, 96), (1, 1, 1, 1), 3, 5), *FP32_TOL)
+
+
+def make_gate(x, channels, offsets, dtype, *, past=math.nan, seed=3):
+    """A gate (the expert's v) in ``dtype`` with ``past`` (NaN by default) past each row's expert's
+    channels, where the kernels must not read it."""
+    gate = (torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) + 0.5).to(dtype).to(x.device)
+    for _, lo, hi, c in expert_rows(offsets, channels):
+        gate[lo:hi, c:] = past
+    return gate
+
+
+def run_gated(fn, x, weight, bias, offsets, channels, gate, grad_out, eps=1e-5):
+    """(out, grad x, grad weight, grad bias, grad gate) of ``fn(..., gate=gate)`` on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias, gate)]
+    out = fn(*leaves[:3], offsets, channels, eps, gate=leaves[3])
+    return out, *torch.autograd.grad(out, leaves, grad_out)
+
+
+def assert_gated_matches_reference(case, gate_dtype, atol, rtol):
+    """``LN(x) * gate`` (the expert's normed * v) and all five gradients against the reference,
+    with NaN in the gate and grad y past each expert's channels for the kernels (zeros for the
+    reference, whose masked fill would turn NaN there into NaN gradients)."""
+    x, weight, bias, offsets, channels = case
+    gate = make_gate(x, channels, offsets, gate_dtype)
+    grad_y = grad_output(x, channels, offsets).to(gate_dtype)
+    got = run_gated(triton_public, *case, gate, grad_y)
+    want = run_gated(
+        grouped_layernorm2d_reference,
+        *case,
+        make_gate(x, channels, offsets, gate_dtype, past=0.0),
+        grad_output(x, channels, offsets, past=0.0).to(gate_dtype),
+    )
+    assert got[0].dtype == gate_dtype and got[0].shape == x.shape and got[0].is_contiguous()
+    rstd = row_rstd(x, offsets, channels, 1e-5)
+    root_pixels = math.sqrt(max(1, x.shape[0] * x.shape[2] * x.shape[3]))
+    # The gate is O(1): the output and grad x scale as without it, grad gate as the LN output.
+    scales = (rstd, rstd**2, root_pixels, root_pixels, rstd)
+    names = ("output", "grad x", "grad weight", "grad bias", "grad gate")
+    dtypes = (gate_dtype, x.dtype, weight.dtype, bias.dtype, gate_dtype)
+    for name, dtype, a, b, scale in zip(names, dtypes, got, want, scales, strict=True):
+        assert a.dtype == dtype, name
+        assert bool(a.isfinite().all()), f"{name} has NaN/Inf: a kernel read garbage or skipped an element"
+        t_abs, t_rel = (max(p, q) for p, q in zip((atol, rtol), ROUNDING[dtype], strict=True))
+        assert_close_scaled(a.double(), b.double(), t_abs, t_rel, scale, name)
+    assert_zero_outside(case, *got[:4])
+    for e, lo, hi, c in expert_rows(offsets, channels):
+        assert bool((got[4][lo:hi, c:] == 0).all()), f"expert {e}: grad gate past its channels"
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float32], ids=["bf16-gate", "fp32-gate"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]])
+def test_gated_matches_reference(case, gate_dtype):
+    # float32 x (the FFT product) times v in the model's dtype.
+    assert_gated_matches_reference(make_case(*case), gate_dtype, *FP32_TOL)
+
+
+def test_gated_model_ranks_match_reference():
+    assert_gated_matches_reference(make_case((12, 24, 48, 96), (1, 1, 1, 1), 3, 5), torch.bfloat16, *FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param("small_chunks", id="gpu-tiles-chunks"), pytest.param("loop_path", id="loop")]
+)
+def test_gated_paths_match_reference(path, request):
+    request.getfixturevalue(path)
+    assert_gated_matches_reference(make_case((5, 37, 20), (2, 1, 1), 17, 19), torch.bfloat16, *FP32_TOL)
+
+
+def test_gated_equals_layernorm_times_gate():
+    """The fused product is ``(LN(x) * gate).to(gate.dtype)`` of the unfused ops (float32 x, one
+    rounding to bf16): at most one bf16 rounding apart."""
+    x, weight, bias, offsets, channels = make_case((5, 9), (2, 1), 4, 6)
+    gate = make_gate(x, channels, offsets, torch.bfloat16, past=0.0)
+    x = x.nan_to_num(0.0)
+    fused = grouped_layernorm2d(x, weight, bias, offsets, channels, 1e-5, gate=gate, backend="triton")
+    unfused = grouped_layernorm2d(x, weight, bias, offsets, channels, 1e-5, backend="triton") * gate
+    torch.testing.assert_close(fused.float(), unfused.to(torch.bfloat16).float(), atol=1e-2, rtol=8e-3)
 
 
 @pytest.mark.parametrize(
@@ -328,10 +406,14 @@ def test_constant_pixel_gives_bias():
 # --- buffers, determinism -----------------------------------------------------------------------
 
 
-def _fwd_bwd(x, weight, bias, offsets, channels):
-    y, mean, rstd = torch.ops.moce_triton.grouped_layernorm2d_fwd(x, weight, bias, offsets, channels, 1e-5)
+def _fwd_bwd(x, weight, bias, offsets, channels, gate=None):
+    y, mean, rstd = torch.ops.moce_triton.grouped_layernorm2d_fwd(
+        x, weight, bias, offsets, channels, 1e-5, gate
+    )
     grad_y = grad_output(x, channels, offsets, seed=2)
-    grads = torch.ops.moce_triton.grouped_layernorm2d_bwd(grad_y, x, weight, offsets, mean, rstd, channels)
+    grads = torch.ops.moce_triton.grouped_layernorm2d_bwd(
+        grad_y, x, weight, offsets, mean, rstd, channels, gate, None if gate is None else bias
+    )
     return (y, mean, rstd, *grads)
 
 
@@ -351,12 +433,15 @@ def test_every_element_is_written(case, path, request):
     if path is not None:
         request.getfixturevalue(path)
     args = make_case(*case)
-    want = _fwd_bwd(*args)
-    request.getfixturevalue("nan_filled_empty")
-    got = _fwd_bwd(*args)
-    for name, a, b in zip(("y", "mean", "rstd", "grad x", "grad w", "grad b"), got, want, strict=True):
-        assert not bool(a.isnan().any()), f"{name}: an element was not written"
-        assert torch.equal(a, b), name
+    # Without a gate (its grad is an empty placeholder) and with one (NaN past the channels).
+    for gate in (None, make_gate(args[0], args[4], args[3], torch.float32)):
+        want = _fwd_bwd(*args, gate)
+        with nan_filled_torch_empty():
+            got = _fwd_bwd(*args, gate)
+        names = ("y", "mean", "rstd", "grad x", "grad w", "grad b", "grad gate")
+        for name, a, b in zip(names, got, want, strict=True):
+            assert not bool(a.isnan().any()), f"{name}: an element was not written (gate: {gate is not None})"
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize(
@@ -426,7 +511,8 @@ def test_bwd_op_output_dtypes():
     grads = torch.ops.moce_triton.grouped_layernorm2d_bwd(
         torch.ones_like(x), x, weight, offsets, mean, rstd, channels
     )
-    grad_x, grad_w, grad_b = grads
+    grad_x, grad_w, grad_b, grad_gate = grads
+    assert grad_gate.numel() == 0  # no gate: an empty placeholder
     assert grad_x.dtype == torch.bfloat16 and grad_x.shape == x.shape
     assert grad_w.dtype == grad_b.dtype == torch.float32 and grad_w.shape == grad_b.shape == (2, 6)
     # grad bias is the sum of grad y over each expert's rows and pixels, on its channels.
@@ -453,6 +539,20 @@ def test_gradcheck(case, path, request):
     )
 
 
+@pytest.mark.parametrize("path", [pytest.param(None, id="tile"), pytest.param("loop_path", id="loop")])
+def test_gated_gradcheck(path, request):
+    if path is not None:
+        request.getfixturevalue(path)
+    x, weight, bias, offsets, channels = make_case((20, 5), (1, 1), 2, 2, dtype=torch.float64)
+    gate = make_gate(x, channels, offsets, torch.float64, past=3.0)
+    leaves = [t.nan_to_num(3.0).requires_grad_(True) for t in (x, weight, bias, gate)]
+    assert torch.autograd.gradcheck(
+        lambda a, w, b, v: grouped_layernorm2d_triton(a, w, b, offsets, channels, 1e-5, v),
+        leaves,
+        fast_mode=True,
+    )
+
+
 @pytest.mark.parametrize(
     ("dtype", "requires_grad"),
     [
@@ -473,6 +573,13 @@ def test_opcheck(dtype, requires_grad):
     )
     bwd_args = (torch.randn_like(y), x.detach(), weight.detach(), offsets, mean, rstd, channels)
     torch.library.opcheck(torch.ops.moce_triton.grouped_layernorm2d_bwd.default, bwd_args)
+    # With a gate (the expert's v, here in bf16): its own gradient and output dtype.
+    gate = torch.randn(x.shape, dtype=torch.bfloat16).requires_grad_(requires_grad)
+    torch.library.opcheck(
+        torch.ops.moce_triton.grouped_layernorm2d_fwd.default, (*args, offsets, channels, 1e-5, gate)
+    )
+    bwd_gated = (*bwd_args, gate.detach(), bias.detach())
+    torch.library.opcheck(torch.ops.moce_triton.grouped_layernorm2d_bwd.default, bwd_gated)
 
 
 def test_torch_compile_fullgraph():
@@ -536,15 +643,19 @@ AOT_BODY = """
     # at 128 x 128 (float32 FFT output; the backward loops over pixel tiles), bf16 activations,
     # C_max 256 (the widest tile whose backward loops), MoCE-IR's latent width 384 (16 warps,
     # one tile per backward program), C_max > 512 (the chunked loop over C), float64 (gradcheck).
-    for label, xt, pt, c_max, rows, pixels, offsets in (
-        ("c96-fp32", "fp32", "fp32", 96, 8, 128 * 128, "*i64"),
-        ("c96-fp32-bf16-params", "fp32", "bf16", 96, 8, 128 * 128, "*i32"),
-        ("c96-bf16", "bf16", "bf16", 96, 8, 128 * 128, "*i64"),
-        ("c256-fp32", "fp32", "fp32", 256, 8, 64 * 64, "*i64"),
-        ("c384-bf16", "bf16", "fp32", 384, 8, 16 * 16, "*i64"),
-        ("c384-fp32", "fp32", "fp32", 384, 8, 16 * 16, "*i64"),
-        ("c600-loop-fp32", "fp32", "fp32", 600, 8, 32 * 32, "*i64"),
-        ("c96-fp64", "fp64", "fp64", 96, 8, 64 * 64, "*i64"),
+    # The gated ones (LN(x) * gate): the sync-free expert path's float32 FFT output times v in
+    # bf16, on the register tile and on the chunked loop.
+    for label, xt, pt, c_max, rows, pixels, offsets, gt in (
+        ("c96-fp32", "fp32", "fp32", 96, 8, 128 * 128, "*i64", None),
+        ("c96-fp32-bf16-params", "fp32", "bf16", 96, 8, 128 * 128, "*i32", None),
+        ("c96-bf16", "bf16", "bf16", 96, 8, 128 * 128, "*i64", None),
+        ("c256-fp32", "fp32", "fp32", 256, 8, 64 * 64, "*i64", None),
+        ("c384-bf16", "bf16", "fp32", 384, 8, 16 * 16, "*i64", None),
+        ("c384-fp32", "fp32", "fp32", 384, 8, 16 * 16, "*i64", None),
+        ("c600-loop-fp32", "fp32", "fp32", 600, 8, 32 * 32, "*i64", None),
+        ("c96-fp64", "fp64", "fp64", 96, 8, 64 * 64, "*i64", None),
+        ("c96-fp32-gate-bf16", "fp32", "bf16", 96, 8, 128 * 128, "*i64", "bf16"),
+        ("c600-loop-fp32-gate-bf16", "fp32", "fp32", 600, 8, 32 * 32, "*i64", "bf16"),
     ):
         block_c, block_p, single, warps = ln._blocks(c_max, pixels)
         loop_tiles = gln._chunk_len(rows, pixels, block_c, block_p, single) > block_p
@@ -552,12 +663,15 @@ AOT_BODY = """
         acc = "fp64" if xt == "fp64" else "fp32"
         x, p, a = "*" + xt, "*" + pt, "*" + acc
         acc_tl = tl.float64 if acc == "fp64" else tl.float32
-        consts = dict(BLOCK_E=4, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_TILE=single, ACC=acc_tl)
-        fwd = dict(x_ptr=x, w_ptr=p, b_ptr=p, off_ptr=offsets, meta_ptr="*i32", y_ptr=x, mean_ptr=a,
-                   rstd_ptr=a, C_MAX="i32", HW="i32", E="i32", eps="fp32")
+        g = x if gt is None else "*" + gt  # the gate, the output and grad y (the gate's dtype)
+        consts = dict(BLOCK_E=4, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_TILE=single,
+                      HAS_GATE=gt is not None, ACC=acc_tl)
+        fwd = dict(x_ptr=x, w_ptr=p, b_ptr=p, off_ptr=offsets, meta_ptr="*i32", gate_ptr=g, y_ptr=g,
+                   mean_ptr=a, rstd_ptr=a, C_MAX="i32", HW="i32", E="i32", eps="fp32")
         compile_(f"fwd-{label}", gln.grouped_layernorm2d_fwd_kernel, fwd, consts, warps)
-        bwd = dict(gy_ptr=x, x_ptr=x, w_ptr=p, off_ptr=offsets, meta_ptr="*i32", mean_ptr=a, rstd_ptr=a,
-                   gx_ptr=x, part_w_ptr=a, part_b_ptr=a, C_MAX="i32", HW="i32", E="i32", chunk_len="i32")
+        bwd = dict(gy_ptr=g, x_ptr=x, w_ptr=p, b_ptr=p, gate_ptr=g, off_ptr=offsets, meta_ptr="*i32",
+                   mean_ptr=a, rstd_ptr=a, gx_ptr=x, gg_ptr=g, part_w_ptr=a, part_b_ptr=a, C_MAX="i32",
+                   HW="i32", E="i32", chunk_len="i32")
         compile_(f"bwd-{label}", gln.grouped_layernorm2d_bwd_kernel, bwd, dict(consts, LOOP_TILES=loop_tiles),
                  warps)
         red = dict(part_w_ptr=a, part_b_ptr=a, off_ptr=offsets, meta_ptr="*i32", gw_ptr=p, gb_ptr=p,
@@ -574,7 +688,7 @@ def test_aot_compile_sm90():
     checks that none spills. Runs in a subprocess without TRITON_INTERPRET. Prints the registers
     per thread (``pytest -s``)."""
     results = aot_resource_usage(AOT_BODY)
-    assert len(results) == 24
+    assert len(results) == 30
     for r in results:
         print(r)
         if "STACK" in r:
