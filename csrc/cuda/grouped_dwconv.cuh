@@ -46,7 +46,7 @@ constexpr int kMaxExperts = 64;
 // depthwise convolutions and the GDFN's: 6-8 blocks per SM), 58-66 for the 7 x 7 class (the
 // cross-attention's and the experts' 7 x 7: 3-4), 64-76 for kernels up to 9 x 9 (3). Asking
 // ptxas for 4 blocks of the 7 x 7 class (64 registers) spills 8-24 bytes, so it is not asked.
-constexpr int kernel_class(int64_t k_max) { return k_max <= 3 ? 3 : (k_max <= 7 ? 7 : kMaxK); }
+constexpr int kernel_class(int64_t largest) { return largest <= 3 ? 3 : (largest <= 7 ? 7 : kMaxK); }
 
 // Column halo: at least KC / 2, and a multiple of the 16-byte vector width so every staged
 // 16-byte chunk is either wholly inside or wholly outside a row whose width is a multiple of it.
@@ -75,10 +75,11 @@ int64_t largest_kernel(const Sizes& kernel_sizes) {
   return k;
 }
 
-// Calls launch(std::integral_constant<int, KC>) with KC = kernel_class(k_max).
+// Calls launch(std::integral_constant<int, KC>) with KC = kernel_class(largest), largest the
+// call's largest kernel size.
 template <typename Launch>
-void with_kernel_class(int64_t k_max, const Launch& launch) {
-  switch (kernel_class(k_max)) {
+void with_kernel_class(int64_t largest, const Launch& launch) {
+  switch (kernel_class(largest)) {
     case 3:
       launch(std::integral_constant<int, 3>{});
       break;
@@ -116,7 +117,9 @@ template <typename acc_t, int N>
 __device__ __forceinline__ void store_staged(acc_t* __restrict__ dst, const acc_t (&v)[N]) {
   if constexpr (std::is_same<acc_t, float>::value && N % 4 == 0) {
 #pragma unroll
-    for (int i = 0; i < N; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    for (int i = 0; i < N; i += 4) {
+      *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    }
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = v[i];
@@ -138,7 +141,8 @@ __device__ __forceinline__ void stage_tile(acc_t* __restrict__ s, const T* __res
     const int chunk = idx - r * kChunks;
     const int64_t gh = h0 - Shape::kHaloH + r;
     const int64_t gw = w0 - Shape::kHaloW + static_cast<int64_t>(chunk) * VEC;
-    acc_t* dst = s + r * Shape::kCols + chunk * VEC;  // 16-byte aligned when VEC * 4 bytes are
+    // 16-byte aligned for float with VEC % 4 == 0: kCols and chunk * VEC are multiples of VEC.
+    acc_t* dst = s + r * Shape::kCols + chunk * VEC;
     const bool row_ok = gh >= 0 && gh < H;
     acc_t staged[VEC];
     if (row_ok && gw >= 0 && gw + VEC <= W) {
