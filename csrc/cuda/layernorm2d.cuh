@@ -11,6 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cuda_pipeline.h>
+
 #include <cstdint>
 
 #include "common.cuh"
@@ -20,31 +22,22 @@ namespace moce::cuda {
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
 
-// y = (x - mean) * rstd * w + b over C at every pixel; writes mean and rstd ([B, N]).
+// y = (x - mean) * rstd * w + b over C at this thread's VEC pixels; writes their mean and rstd.
+// load(c) gives channel c's Pack (from global memory, or staged in shared memory): the two
+// forward kernels share every operation, so they give the same bits.
 //
 // One pass for the statistics: sums of x - x[c = 0] (the "shifted data" algorithm), which keeps
 // the float32 sums free of the cancellation of a plain sum of squares when |mean| >> std.
-template <typename T, typename acc_t, int VEC>
-__global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N]
-                                       const acc_t* __restrict__ w,  // [C]
-                                       const acc_t* __restrict__ b,  // [C]
-                                       T* __restrict__ y,            // [B, C, N]
-                                       acc_t* __restrict__ mean,     // [B, N]
-                                       acc_t* __restrict__ rstd,     // [B, N]
-                                       int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
-                                       acc_t eps) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= total_packs) return;
-  const int64_t bi = t / packs_per_image;
-  const int64_t p = (t - bi * packs_per_image) * VEC;
-  const T* xb = x + bi * C * N + p;
-  T* yb = y + bi * C * N + p;
-
+template <typename T, typename acc_t, int VEC, typename Load>
+__device__ __forceinline__ void layernorm2d_fwd_pixels(const Load& load, const acc_t* __restrict__ w,
+                                                       const acc_t* __restrict__ b, T* __restrict__ yb,
+                                                       acc_t* __restrict__ mean, acc_t* __restrict__ rstd,
+                                                       int64_t C, int64_t N, acc_t eps) {
   acc_t shift[VEC];
   acc_t s1[VEC];
   acc_t s2[VEC];
   {
-    const Pack<T, VEC> v = load_pack<T, VEC>(xb);
+    const Pack<T, VEC> v = load(0);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       shift[i] = static_cast<acc_t>(v.val[i]);
@@ -53,7 +46,7 @@ __global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N
     }
   }
   for (int64_t c = 1; c < C; ++c) {
-    const Pack<T, VEC> v = load_pack<T, VEC>(xb + c * N);
+    const Pack<T, VEC> v = load(c);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const acc_t d = static_cast<acc_t>(v.val[i]) - shift[i];
@@ -72,11 +65,11 @@ __global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N
     var = var < acc_t(0) ? acc_t(0) : var;
     mu[i] = shift[i] + m1;
     rs[i] = rsqrt_acc(var + eps);
-    mean[bi * N + p + i] = mu[i];
-    rstd[bi * N + p + i] = rs[i];
+    mean[i] = mu[i];
+    rstd[i] = rs[i];
   }
   for (int64_t c = 0; c < C; ++c) {
-    const Pack<T, VEC> v = load_pack<T, VEC>(xb + c * N);
+    const Pack<T, VEC> v = load(c);
     const acc_t wc = w[c];
     const acc_t bc = b[c];
     Pack<T, VEC> out;
@@ -86,6 +79,67 @@ __global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N
     }
     store_pack_wb<T, VEC>(yb + c * N, out);
   }
+}
+
+// One thread per VEC adjacent pixels of one image, reading x from global memory twice (the
+// statistics, then the output).
+template <typename T, typename acc_t, int VEC>
+__global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N]
+                                       const acc_t* __restrict__ w,  // [C]
+                                       const acc_t* __restrict__ b,  // [C]
+                                       T* __restrict__ y,            // [B, C, N]
+                                       acc_t* __restrict__ mean,     // [B, N]
+                                       acc_t* __restrict__ rstd,     // [B, N]
+                                       int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
+                                       acc_t eps) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total_packs) return;
+  const int64_t bi = t / packs_per_image;
+  const int64_t p = (t - bi * packs_per_image) * VEC;
+  const T* xb = x + bi * C * N + p;
+  const auto load = [&](int64_t c) { return load_pack<T, VEC>(xb + c * N); };
+  layernorm2d_fwd_pixels<T, acc_t, VEC>(load, w, b, y + bi * C * N + p, mean + bi * N + p, rstd + bi * N + p, C,
+                                        N, eps);
+}
+
+// The staged forward: one warp per block, a thread's C packs copied into shared memory with
+// cp.async first (all of them in flight at once, no registers held), then the statistics and
+// the output from there. x is read from global memory once, where layernorm2d_fwd_kernel reads
+// it twice: between its two reads every resident thread streams its own C packs, more than the
+// L2 holds at full resolution, so the second read comes from DRAM again (3 of the tensor's sizes
+// moved instead of 2). For C <= MAX_C (static shared memory: MAX_C * 32 * 16 bytes, 48 KB at
+// most) and the 16-byte path. Same bits as layernorm2d_fwd_kernel.
+constexpr int kStagedThreads = kWarpSize;
+
+template <typename T, typename acc_t, int VEC, int MAX_C>
+__global__ void __launch_bounds__(kStagedThreads)
+    layernorm2d_fwd_staged_kernel(const T* __restrict__ x,      // [B, C, N]
+                                  const acc_t* __restrict__ w,  // [C]
+                                  const acc_t* __restrict__ b,  // [C]
+                                  T* __restrict__ y,            // [B, C, N]
+                                  acc_t* __restrict__ mean,     // [B, N]
+                                  acc_t* __restrict__ rstd,     // [B, N]
+                                  int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
+                                  acc_t eps) {
+  static_assert(sizeof(Pack<T, VEC>) == 16, "the staged forward copies 16-byte packs");
+  // Channel c of thread j at staged[c * kStagedThreads + j]: a warp's copies of one channel are
+  // 512 contiguous bytes (no bank conflicts).
+  __shared__ Pack<T, VEC> staged[MAX_C * kStagedThreads];
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kStagedThreads + threadIdx.x;
+  // Per thread: no barrier or warp primitive follows (each thread reads only its own packs).
+  if (t >= total_packs) return;
+  const int64_t bi = t / packs_per_image;
+  const int64_t p = (t - bi * packs_per_image) * VEC;
+  const T* xb = x + bi * C * N + p;
+  Pack<T, VEC>* mine = staged + threadIdx.x;
+  for (int64_t c = 0; c < C; ++c) {
+    __pipeline_memcpy_async(mine + c * kStagedThreads, xb + c * N, sizeof(Pack<T, VEC>));
+  }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+  const auto load = [&](int64_t c) { return mine[c * kStagedThreads]; };
+  layernorm2d_fwd_pixels<T, acc_t, VEC>(load, w, b, y + bi * C * N + p, mean + bi * N + p, rstd + bi * N + p, C,
+                                        N, eps);
 }
 
 // grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)), g = grad_y * w, at every pixel.

@@ -30,7 +30,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-SOURCES = sorted((Path(__file__).resolve().parent / "cuda_emulation").glob("*.cpp"))
+HERE = Path(__file__).resolve().parent / "cuda_emulation"
+SOURCES = sorted(HERE.glob("*.cpp"))
 GUARD = 64  # elements of NaN on each side of every buffer (a multiple of 16 bytes in every dtype)
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 #: The drivers that return a status (the others return nothing).
@@ -82,6 +83,7 @@ def build(directory: Path) -> Emulated:
         "-Werror",
         "-Wno-unknown-pragmas",
         "-fsanitize=alignment,bounds",
+        f"-I{HERE / 'include'}",  # CUDA headers the shim replaces (cuda_pipeline.h)
         *[f"-I{p}" for p in include_paths()[:1]],  # c10's and ATen's headers (no linking)
         "-o",
         str(lib),

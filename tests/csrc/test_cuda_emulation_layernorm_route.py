@@ -24,6 +24,10 @@ LAYERNORM_CASES = [
     pytest.param(1, 3, 7, 9, id="B1-C3-7x9"),
     pytest.param(2, 1, 4, 8, id="C1"),
     pytest.param(3, 4, 20, 33, id="B3-C4-20x33"),
+    # The staged forward's widths (up to 32, 64, 96 channels) and past them (the other kernel).
+    pytest.param(2, 40, 3, 16, id="C40-staged-64"),
+    pytest.param(1, 96, 2, 8, id="C96-staged-96"),
+    pytest.param(1, 100, 2, 8, id="C100-not-staged"),
 ]
 
 
@@ -66,10 +70,33 @@ def test_layernorm2d_kernels(emulated, batch, channels, height, width, dtype, sc
         mean.ptr,
         rstd.ptr,
         int(scalar),
+        0,
     )
     close(y.check("y"), want, dtype, "y")
     close(mean.check("mean"), want_mean, torch.float32, "mean")
     close(rstd.check("rstd"), want_rstd, torch.float32, "rstd")
+    # The staged forward (shared memory) and the one reading x twice: the same bits.
+    f32 = torch.float32
+    y2, mean2, rstd2 = (
+        Guarded(x.shape, dtype),
+        Guarded(mean.tensor.shape, f32),
+        Guarded(rstd.tensor.shape, f32),
+    )
+    emulated.layernorm2d_fwd(
+        DTYPE_CODE[dtype],
+        gx.ptr,
+        gw.ptr,
+        gb.ptr,
+        *dims,
+        ctypes.c_float(eps),
+        y2.ptr,
+        mean2.ptr,
+        rstd2.ptr,
+        int(scalar),
+        1,
+    )
+    for a, b, name in ((y2, y, "y"), (mean2, mean, "mean"), (rstd2, rstd, "rstd")):
+        assert torch.equal(a.check(name), b.tensor), f"{name}: the two forward kernels differ"
 
     grad_x = Guarded(x.shape, dtype)
     grad_w, grad_b = Guarded((channels,), torch.float32), Guarded((channels,), torch.float32)

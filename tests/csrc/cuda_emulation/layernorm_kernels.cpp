@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -46,9 +47,10 @@ void with_vector_width(bool vec, const Launch& launch) {
 
 extern "C" {
 
-// y, mean, rstd of x [B, C, H * W = N]; w, b [C] float32.
+// y, mean, rstd of x [B, C, H * W = N]; w, b [C] float32. `global_only`: the kernel that reads
+// x twice even where the .cu would launch the staged one (the tests compare the two).
 void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, int64_t B, int64_t C, int64_t N,
-                     float eps, void* y, float* mean, float* rstd, int scalar) {
+                     float eps, void* y, float* mean, float* rstd, int scalar, int global_only) {
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
@@ -57,8 +59,35 @@ void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, i
       constexpr int V = decltype(vec_tag)::value;
       const int64_t packs_per_image = N / V;
       const int64_t total = B * packs_per_image;
-      emu::launch(grid_for(total, kThreads), kThreads, moce::cuda::layernorm2d_fwd_kernel<T, float, V>,
-                  static_cast<const T*>(x), w, b, static_cast<T*>(y), mean, rstd, total, packs_per_image, C, N, eps);
+      const auto args = std::make_tuple(static_cast<const T*>(x), w, b, static_cast<T*>(y), mean, rstd, total,
+                                        packs_per_image, C, N, eps);
+      // As the .cu: the staged kernel on the 16-byte path for C <= 96 (unless `global_only`).
+      if constexpr (V * sizeof(T) == 16) {
+        if (!global_only && C <= 96) {
+          const auto staged = [&](auto width_tag) {
+            constexpr int kMaxC = decltype(width_tag)::value;
+            std::apply(
+                [&](auto... a) {
+                  emu::launch(grid_for(total, moce::cuda::kStagedThreads), moce::cuda::kStagedThreads,
+                              moce::cuda::layernorm2d_fwd_staged_kernel<T, float, V, kMaxC>, a...);
+                },
+                args);
+          };
+          if (C <= 32) {
+            staged(std::integral_constant<int, 32>{});
+          } else if (C <= 64) {
+            staged(std::integral_constant<int, 64>{});
+          } else {
+            staged(std::integral_constant<int, 96>{});
+          }
+          return;
+        }
+      }
+      std::apply(
+          [&](auto... a) {
+            emu::launch(grid_for(total, kThreads), kThreads, moce::cuda::layernorm2d_fwd_kernel<T, float, V>, a...);
+          },
+          args);
     });
   });
 }
