@@ -482,7 +482,9 @@ def is_graphed(provider: str) -> bool:
 def benchmark_mode(provider: str) -> Iterator[dict]:
     """For a ``-tuned`` provider, benchmark mode from a clean slate while the block runs (cuDNN's
     flag restored after it); yields a dict that receives the timed choices, counted per layer
-    kind: {"pointwise": {"cudnn": n, "kernel": m}, ...}. A no-op for the others."""
+    kind: {"pointwise": {"cudnn": n, "kernel": m}, ...}, and under "ms" each kind's candidates'
+    median times summed over its shapes: {"ms": {"pointwise": {"cudnn": t, ...}}}. A no-op for
+    the others."""
     report: dict = {}
     if not provider.endswith(TUNED):
         yield report
@@ -497,6 +499,10 @@ def benchmark_mode(provider: str) -> Iterator[dict]:
         for key, choice in tuning.choices().items():
             counts = report.setdefault(key[0], {})
             counts[choice] = counts.get(choice, 0) + 1
+        for key, times in tuning.timings().items():
+            sums = report.setdefault("ms", {}).setdefault(key[0], {})
+            for candidate, ms in times.items():
+                sums[candidate] = sums.get(candidate, 0.0) + ms
         tuning.reset()
 
 

@@ -372,6 +372,7 @@ _TUNED_NAMES = {
     "kernel": "ours",
     "cudnn": "cuDNN",
     "triton": "ours (Triton)",
+    "cublas": "cuBLAS GEMM",
 }
 
 
@@ -385,9 +386,16 @@ def tuned_notes(groups: dict[tuple, dict[str, dict]]) -> list[str]:
                 continue
             parts = []
             for kind, counts in sorted(choices.items()):
+                if kind == "ms":
+                    continue
                 said = ", ".join(f"{_TUNED_NAMES.get(c, c)} {n}" for c, n in sorted(counts.items()))
                 parts.append(f"{_TUNED_NAMES.get(kind, kind)}: {said}")
             lines.append(f"- {provider}, {case} {precision}: shapes per choice, " + "; ".join(parts))
+            for kind, sums in sorted(choices.get("ms", {}).items()):
+                said = ", ".join(f"{_TUNED_NAMES.get(c, c)} {ms:.3f} ms" for c, ms in sorted(sums.items()))
+                lines.append(
+                    f"  - {_TUNED_NAMES.get(kind, kind)}, every candidate timed on every shape: {said}"
+                )
     return ["Benchmark-mode choices:", "", *lines, ""] if lines else []
 
 

@@ -2,10 +2,10 @@
 ``moce_kernels.grouped_pointwise`` (one group each).
 
 Both keep ``nn.Conv2d``'s parameters and state-dict keys. With ``backend="auto"`` on a GPU each
-has two candidates, our kernel and cuDNN's; in benchmark mode (``torch.backends.cudnn.benchmark``)
-the first call of each shape times both and keeps the faster (:mod:`moceir.layers.tuning`),
-otherwise each runs its default: our depthwise kernel (cuDNN's bf16 depthwise 3x3 took 37% of a
-1080p frame on an H200) and cuDNN's 1x1 convolution.
+has candidates: our kernel(s) and cuDNN's, and for 1x1 a batched cuBLAS GEMM; in benchmark mode
+(``torch.backends.cudnn.benchmark``) the first call of each shape times them and keeps the
+fastest (:mod:`moceir.layers.tuning`), otherwise each runs its default: our depthwise kernel
+(cuDNN's bf16 depthwise 3x3 took 37% of a 1080p frame on an H200) and cuDNN's 1x1 convolution.
 """
 
 from __future__ import annotations
@@ -109,8 +109,10 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
 
     ``backend="triton"`` runs it as one group of ``grouped_pointwise`` (a GEMM over NCHW with
     the bias in its store); "auto" on a GPU runs cuDNN's convolution, or in benchmark mode
-    whichever of the two its first call of a shape timed faster; the other backends (no C++ or
-    CUDA kernel of ours) run ``nn.Conv2d``.
+    whichever of three its first call of a shape timed fastest: cuDNN's, ours, and one batched
+    cuBLAS GEMM over the images as they lie (NCHW is [C_in, H * W] per image: no layout change)
+    with the bias added after it. The other backends (no C++ or CUDA kernel of ours) run
+    ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
@@ -132,10 +134,30 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
             def kernel():
                 return self._kernel(*self.autocast_operands(x), "auto")
 
-            candidates = {"cudnn": lambda: nn.Conv2d.forward(self, x), "kernel": kernel}
-            if tuning.choose(_tuning_key("pointwise", x, self), candidates, "cudnn", x) == "kernel":
+            def gemm():
+                return self._gemm(*self.autocast_operands(x))
+
+            candidates = {"cudnn": lambda: nn.Conv2d.forward(self, x), "kernel": kernel, "cublas": gemm}
+            chosen = tuning.choose(_tuning_key("pointwise", x, self), candidates, "cudnn", x)
+            if chosen == "kernel":
                 return kernel()
+            if chosen == "cublas":
+                return gemm()
         return super().forward(x)
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution as ``W @ x[n]`` for every image n (one batched GEMM: cuBLAS on a GPU),
+        then the bias, in (x, weight)'s dtype (autocast's operands: see autocast_operands)."""
+        if x.dtype != weight.dtype:
+            return nn.Conv2d.forward(self, x)  # nn.Conv2d's own error
+        n, _, h, w = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.matmul(
+                weight.view(self.out_channels, self.in_channels), x.reshape(n, self.in_channels, h * w)
+            )
+            if bias is not None:
+                y = y + bias.view(1, self.out_channels, 1)
+        return y.view(n, self.out_channels, h, w)
 
     def _kernel(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str

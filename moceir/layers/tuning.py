@@ -20,6 +20,8 @@ import torch
 
 #: (layer kind, shapes, dtypes, device, ...) -> the candidate chosen for it.
 _CHOICES: dict[Hashable, str] = {}
+#: The same keys -> each candidate's median time (ms) when the choice was made.
+_TIMES: dict[Hashable, dict[str, float]] = {}
 #: Calls timed per candidate, after one untimed call (which also compiles a Triton kernel).
 TIMED_CALLS = 5
 
@@ -60,6 +62,7 @@ def choose(
     times = {name: _median_ms(call) for name, call in candidates.items()}
     chosen = min(times, key=times.__getitem__)
     _CHOICES[key] = chosen
+    _TIMES[key] = times
     return chosen
 
 
@@ -68,9 +71,15 @@ def choices() -> dict[Hashable, str]:
     return dict(_CHOICES)
 
 
+def timings() -> dict[Hashable, dict[str, float]]:
+    """Each timed choice's candidates and their median times in ms (a copy; for reports)."""
+    return {key: dict(times) for key, times in _TIMES.items()}
+
+
 def reset() -> None:
     """Forget every choice: the next call of each shape times its candidates again."""
     _CHOICES.clear()
+    _TIMES.clear()
 
 
 def _median_ms(call: Callable[[], object]) -> float:

@@ -231,3 +231,22 @@ def test_benchmark_mode_choices_are_listed_per_row():
         "depthwise: ours (Triton) 2; 1x1: cuDNN 3, ours 7"
     )
     assert report.tuned_notes({("c", "p", None): {"auto": {"status": "ok"}}}) == []
+
+
+def test_benchmark_mode_candidate_times_are_listed_under_their_row():
+    groups = {
+        ("b16.256x256", "bfloat16", None): {
+            "graphed-auto-tuned": {
+                "status": "ok",
+                "tuned_choices": {
+                    "pointwise": {"cublas": 2},
+                    "ms": {"pointwise": {"cudnn": 1.5, "kernel": 2.25, "cublas": 0.75}},
+                },
+            }
+        }
+    }
+    lines = report.tuned_notes(groups)
+    assert lines[2] == "- graphed-auto-tuned, b16.256x256 bfloat16: shapes per choice, 1x1: cuBLAS GEMM 2"
+    assert lines[3] == (
+        "  - 1x1, every candidate timed on every shape: cuBLAS GEMM 0.750 ms, cuDNN 1.500 ms, ours 2.250 ms"
+    )
