@@ -51,6 +51,19 @@ bool with_staged_width(int64_t C, const Launch& launch) {
   return true;
 }
 
+// The same for the staged backward, which stages x and grad_y: 32 or 48 channels (32 or 48 KB).
+template <typename Launch>
+bool with_staged_bwd_width(int64_t C, const Launch& launch) {
+  if (C <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else if (C <= 48) {
+    launch(std::integral_constant<int, 48>{});
+  } else {
+    return false;
+  }
+  return true;
+}
+
 unsigned int grid_for(int64_t threads_needed, int block) {
   const int64_t blocks = (threads_needed + block - 1) / block;
   MOCE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d: input too large (",
@@ -150,12 +163,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm2d_bwd_cuda(const at::Te
       // [C, num_warps] partial sums; every entry is written by the first kernel.
       at::Tensor partial_w = at::empty({C, num_warps}, x.options().dtype(stats_dtype));
       at::Tensor partial_b = at::empty({C, num_warps}, x.options().dtype(stats_dtype));
-      layernorm2d_bwd_kernel<scalar_t, acc_t, V><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+      const auto args = std::make_tuple(
           grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
           mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), grad_x.mutable_data_ptr<scalar_t>(),
           partial_w.mutable_data_ptr<acc_t>(), partial_b.mutable_data_ptr<acc_t>(), total, packs_per_image,
           C, N, num_warps);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // x and grad_y read once (layernorm2d_bwd_staged_kernel) where both fit its shared memory;
+      // its blocks are single warps, so the partial sums are laid out the same.
+      bool staged = false;
+      if constexpr (V * sizeof(scalar_t) == 16) {
+        staged = with_staged_bwd_width(C, [&](auto width_tag) {
+          constexpr int kMaxC = decltype(width_tag)::value;
+          std::apply(
+              [&](auto... a) {
+                layernorm2d_bwd_staged_kernel<scalar_t, acc_t, V, kMaxC>
+                    <<<static_cast<unsigned int>(num_warps), kStagedThreads, 0, stream>>>(a...);
+              },
+              args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      if (!staged) {
+        std::apply(
+            [&](auto... a) {
+              layernorm2d_bwd_kernel<scalar_t, acc_t, V><<<grid_for(total, kThreads), kThreads, 0, stream>>>(a...);
+            },
+            args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       MOCE_CHECK(C <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d_bwd: too many channels");
       layernorm2d_bwd_weight_kernel<acc_t, kReduceThreads>
           <<<static_cast<unsigned int>(C), kReduceThreads, 0, stream>>>(

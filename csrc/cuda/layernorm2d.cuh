@@ -142,30 +142,21 @@ __global__ void __launch_bounds__(kStagedThreads)
                                         N, eps);
 }
 
-// grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)), g = grad_y * w, at every pixel.
-// Also the per-warp partial sums of grad_weight (grad_y * xhat) and grad_bias (grad_y) of every
-// channel: partial_w[c * num_warps + warp]; layernorm2d_bwd_weight_kernel adds them up in a
-// fixed order, so grad_weight and grad_bias are deterministic (no atomics).
-template <typename T, typename acc_t, int VEC>
-__global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C, N]
-                                       const T* __restrict__ x,         // [B, C, N]
-                                       const acc_t* __restrict__ w,     // [C]
-                                       const acc_t* __restrict__ mean,  // [B, N]
-                                       const acc_t* __restrict__ rstd,  // [B, N]
-                                       T* __restrict__ dx,              // [B, C, N]
-                                       acc_t* __restrict__ partial_w,   // [C, num_warps]
-                                       acc_t* __restrict__ partial_b,   // [C, num_warps]
-                                       int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
-                                       int64_t num_warps) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t warp = t / kWarpSize;
-  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
-  // Whole warps past the end leave (warp-uniform, so the shuffles below see all 32 lanes);
-  // idle lanes of the last warp stay and contribute zeros.
-  if (warp * kWarpSize >= total_packs) return;
-  const bool active = t < total_packs;
-
-  int64_t offset = 0;
+// grad_x = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)), g = grad_y * w, at this thread's
+// VEC pixels (when `active`; an idle lane of the last warp contributes zeros). Also the warp's
+// partial sums of grad_weight (grad_y * xhat) and grad_bias (grad_y) of every channel:
+// partial_w[c * num_warps + warp]; layernorm2d_bwd_weight_kernel adds them up in a fixed order,
+// so grad_weight and grad_bias are deterministic (no atomics). load_x(c) / load_dy(c) give
+// channel c's Packs (global or staged memory): both backward kernels give the same bits.
+// Every lane of the warp calls it (warp sums).
+template <typename T, typename acc_t, int VEC, typename LoadX, typename LoadDy>
+__device__ __forceinline__ void layernorm2d_bwd_pixels(const LoadX& load_x, const LoadDy& load_dy, bool active,
+                                                       const acc_t* __restrict__ w,
+                                                       const acc_t* __restrict__ mean,  // this thread's VEC
+                                                       const acc_t* __restrict__ rstd,  // this thread's VEC
+                                                       T* __restrict__ dxb, acc_t* __restrict__ partial_w,
+                                                       acc_t* __restrict__ partial_b, int64_t C, int64_t N,
+                                                       int64_t warp, int lane, int64_t num_warps) {
   acc_t mu[VEC];
   acc_t rs[VEC];
   acc_t sum_g[VEC];
@@ -178,17 +169,14 @@ __global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C
     sum_gx[i] = acc_t(0);
   }
   if (active) {
-    const int64_t bi = t / packs_per_image;
-    const int64_t p = (t - bi * packs_per_image) * VEC;
-    offset = bi * C * N + p;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      mu[i] = mean[bi * N + p + i];
-      rs[i] = rstd[bi * N + p + i];
+      mu[i] = mean[i];
+      rs[i] = rstd[i];
     }
     for (int64_t c = 0; c < C; ++c) {
-      const Pack<T, VEC> xv = load_pack<T, VEC>(x + offset + c * N);
-      const Pack<T, VEC> dyv = load_pack<T, VEC>(dy + offset + c * N);
+      const Pack<T, VEC> xv = load_x(c);
+      const Pack<T, VEC> dyv = load_dy(c);
       const acc_t wc = w[c];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
@@ -209,8 +197,8 @@ __global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C
     acc_t gw = acc_t(0);
     acc_t gb = acc_t(0);
     if (active) {
-      const Pack<T, VEC> xv = load_pack<T, VEC>(x + offset + c * N);
-      const Pack<T, VEC> dyv = load_pack<T, VEC>(dy + offset + c * N);
+      const Pack<T, VEC> xv = load_x(c);
+      const Pack<T, VEC> dyv = load_dy(c);
       const acc_t wc = w[c];
       Pack<T, VEC> out;
 #pragma unroll
@@ -221,7 +209,7 @@ __global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C
         gw += dyi * xhat;
         gb += dyi;
       }
-      store_pack_wb<T, VEC>(dx + offset + c * N, out);
+      store_pack_wb<T, VEC>(dxb + c * N, out);
     }
     gw = warp_sum_lane0(gw);
     gb = warp_sum_lane0(gb);
@@ -230,6 +218,77 @@ __global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C
       partial_b[c * num_warps + warp] = gb;
     }
   }
+}
+
+// One thread per VEC adjacent pixels of one image, reading x and grad_y from global memory twice.
+template <typename T, typename acc_t, int VEC>
+__global__ void layernorm2d_bwd_kernel(const T* __restrict__ dy,        // [B, C, N]
+                                       const T* __restrict__ x,         // [B, C, N]
+                                       const acc_t* __restrict__ w,     // [C]
+                                       const acc_t* __restrict__ mean,  // [B, N]
+                                       const acc_t* __restrict__ rstd,  // [B, N]
+                                       T* __restrict__ dx,              // [B, C, N]
+                                       acc_t* __restrict__ partial_w,   // [C, num_warps]
+                                       acc_t* __restrict__ partial_b,   // [C, num_warps]
+                                       int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
+                                       int64_t num_warps) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t warp = t / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  // Whole warps past the end leave (warp-uniform, so the shuffles below see all 32 lanes);
+  // idle lanes of the last warp stay and contribute zeros.
+  if (warp * kWarpSize >= total_packs) return;
+  const bool active = t < total_packs;
+  const int64_t bi = active ? t / packs_per_image : 0;
+  const int64_t p = active ? (t - bi * packs_per_image) * VEC : 0;
+  const int64_t offset = bi * C * N + p;
+  const auto load_x = [&](int64_t c) { return load_pack<T, VEC>(x + offset + c * N); };
+  const auto load_dy = [&](int64_t c) { return load_pack<T, VEC>(dy + offset + c * N); };
+  layernorm2d_bwd_pixels<T, acc_t, VEC>(load_x, load_dy, active, w, mean + bi * N + p, rstd + bi * N + p,
+                                        dx + offset, partial_w, partial_b, C, N, warp, lane, num_warps);
+}
+
+// The staged backward: one warp per block (so the partial sums are laid out as above), each
+// thread's C packs of x and of grad_y copied into shared memory with cp.async first, then both
+// sweeps from there: x and grad_y read from global memory once instead of twice. For C <= MAX_C
+// (2 * MAX_C * 32 * 16 bytes of static shared memory, 48 KB at most) and the 16-byte path. Same
+// bits as layernorm2d_bwd_kernel.
+template <typename T, typename acc_t, int VEC, int MAX_C>
+__global__ void __launch_bounds__(kStagedThreads)
+    layernorm2d_bwd_staged_kernel(const T* __restrict__ dy,        // [B, C, N]
+                                  const T* __restrict__ x,         // [B, C, N]
+                                  const acc_t* __restrict__ w,     // [C]
+                                  const acc_t* __restrict__ mean,  // [B, N]
+                                  const acc_t* __restrict__ rstd,  // [B, N]
+                                  T* __restrict__ dx,              // [B, C, N]
+                                  acc_t* __restrict__ partial_w,   // [C, num_warps]
+                                  acc_t* __restrict__ partial_b,   // [C, num_warps]
+                                  int64_t total_packs, int64_t packs_per_image, int64_t C, int64_t N,
+                                  int64_t num_warps) {
+  static_assert(sizeof(Pack<T, VEC>) == 16, "the staged backward copies 16-byte packs");
+  __shared__ Pack<T, VEC> staged_x[MAX_C * kStagedThreads];
+  __shared__ Pack<T, VEC> staged_dy[MAX_C * kStagedThreads];
+  const int64_t warp = blockIdx.x;
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t t = warp * kStagedThreads + lane;
+  const bool active = t < total_packs;  // the grid holds no warp past the end
+  const int64_t bi = active ? t / packs_per_image : 0;
+  const int64_t p = active ? (t - bi * packs_per_image) * VEC : 0;
+  const int64_t offset = bi * C * N + p;
+  Pack<T, VEC>* mine_x = staged_x + lane;
+  Pack<T, VEC>* mine_dy = staged_dy + lane;
+  if (active) {
+    for (int64_t c = 0; c < C; ++c) {
+      __pipeline_memcpy_async(mine_x + c * kStagedThreads, x + offset + c * N, sizeof(Pack<T, VEC>));
+      __pipeline_memcpy_async(mine_dy + c * kStagedThreads, dy + offset + c * N, sizeof(Pack<T, VEC>));
+    }
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+  }
+  const auto load_x = [&](int64_t c) { return mine_x[c * kStagedThreads]; };
+  const auto load_dy = [&](int64_t c) { return mine_dy[c * kStagedThreads]; };
+  layernorm2d_bwd_pixels<T, acc_t, VEC>(load_x, load_dy, active, w, mean + bi * N + p, rstd + bi * N + p,
+                                        dx + offset, partial_w, partial_b, C, N, warp, lane, num_warps);
 }
 
 // grad_weight[c] and grad_bias[c]: one block per channel sums that channel's num_warps partials,

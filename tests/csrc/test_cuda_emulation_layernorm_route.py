@@ -24,7 +24,8 @@ LAYERNORM_CASES = [
     pytest.param(1, 3, 7, 9, id="B1-C3-7x9"),
     pytest.param(2, 1, 4, 8, id="C1"),
     pytest.param(3, 4, 20, 33, id="B3-C4-20x33"),
-    # The staged forward's widths (up to 32, 64, 96 channels) and past them (the other kernel).
+    # The staged kernels' widths (forward up to 32, 64, 96 channels, backward up to 32, 48) and
+    # past them (the other kernels).
     pytest.param(2, 40, 3, 16, id="C40-staged-64"),
     pytest.param(1, 96, 2, 8, id="C96-staged-96"),
     pytest.param(1, 100, 2, 8, id="C100-not-staged"),
@@ -112,12 +113,29 @@ def test_layernorm2d_kernels(emulated, batch, channels, height, width, dtype, sc
         grad_w.ptr,
         grad_b.ptr,
         int(scalar),
+        0,
     )
     close(grad_x.check("grad_x"), xr.grad, dtype, "grad_x")
     # Sums over every pixel: compared relative to their scale (bf16 inputs, float32 sums).
     for got, ref, name in ((grad_w, wr.grad, "grad_w"), (grad_b, br.grad, "grad_b")):
         scale = ref.abs().max().clamp_min(1.0)
         close(got.check(name) / scale, ref / scale, dtype, name)
+    # The staged backward (shared memory) and the one reading x and grad y twice: the same bits.
+    grads2 = Guarded(x.shape, dtype), Guarded((channels,), f32), Guarded((channels,), f32)
+    emulated.layernorm2d_bwd(
+        DTYPE_CODE[dtype],
+        gy.ptr,
+        gx.ptr,
+        gw.ptr,
+        mean.ptr,
+        rstd.ptr,
+        *dims,
+        *(t.ptr for t in grads2),
+        int(scalar),
+        1,
+    )
+    for a, b, name in zip(grads2, (grad_x, grad_w, grad_b), ("grad_x", "grad_w", "grad_b"), strict=True):
+        assert torch.equal(a.check(name), b.tensor), f"{name}: the two backward kernels differ"
 
 
 # (B, E, k, noise, ties): slots past one chunk of the rank kernel's 1024 threads (B * k > 1024),

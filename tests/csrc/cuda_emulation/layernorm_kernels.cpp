@@ -92,10 +92,10 @@ void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, i
   });
 }
 
-// grad_x [B, C, N], grad_w and grad_b [C] (float32).
+// grad_x [B, C, N], grad_w and grad_b [C] (float32). `global_only` as in layernorm2d_fwd.
 void layernorm2d_bwd(int dtype, const void* grad_y, const void* x, const float* w, const float* mean,
                      const float* rstd, int64_t B, int64_t C, int64_t N, void* grad_x, float* grad_w, float* grad_b,
-                     int scalar) {
+                     int scalar, int global_only) {
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
@@ -108,9 +108,37 @@ void layernorm2d_bwd(int dtype, const void* grad_y, const void* x, const float* 
       // Every entry is written by the first kernel: NaN shows one that is not.
       std::vector<float> partial_w(static_cast<size_t>(C * num_warps), std::numeric_limits<float>::quiet_NaN());
       std::vector<float> partial_b(partial_w);
-      emu::launch(grid_for(total, kThreads), kThreads, moce::cuda::layernorm2d_bwd_kernel<T, float, V>,
-                  static_cast<const T*>(grad_y), static_cast<const T*>(x), w, mean, rstd, static_cast<T*>(grad_x),
-                  partial_w.data(), partial_b.data(), total, packs_per_image, C, N, num_warps);
+      const auto args = std::make_tuple(static_cast<const T*>(grad_y), static_cast<const T*>(x), w, mean, rstd,
+                                        static_cast<T*>(grad_x), partial_w.data(), partial_b.data(), total,
+                                        packs_per_image, C, N, num_warps);
+      bool staged = false;
+      // As the .cu: the staged kernel (single-warp blocks) on the 16-byte path for C <= 48.
+      if constexpr (V * sizeof(T) == 16) {
+        if (!global_only && C <= 48) {
+          const auto run = [&](auto width_tag) {
+            constexpr int kMaxC = decltype(width_tag)::value;
+            std::apply(
+                [&](auto... a) {
+                  emu::launch(static_cast<unsigned int>(num_warps), moce::cuda::kStagedThreads,
+                              moce::cuda::layernorm2d_bwd_staged_kernel<T, float, V, kMaxC>, a...);
+                },
+                args);
+          };
+          if (C <= 32) {
+            run(std::integral_constant<int, 32>{});
+          } else {
+            run(std::integral_constant<int, 48>{});
+          }
+          staged = true;
+        }
+      }
+      if (!staged) {
+        std::apply(
+            [&](auto... a) {
+              emu::launch(grid_for(total, kThreads), kThreads, moce::cuda::layernorm2d_bwd_kernel<T, float, V>, a...);
+            },
+            args);
+      }
       emu::launch(static_cast<unsigned int>(C), kReduceThreads,
                   moce::cuda::layernorm2d_bwd_weight_kernel<float, kReduceThreads>,
                   static_cast<const float*>(partial_w.data()), static_cast<const float*>(partial_b.data()), grad_w,
