@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm2d_bwd_cuda(const at::Te
           std::apply(
               [&](auto... a) {
                 layernorm2d_bwd_staged_kernel<scalar_t, acc_t, V, kMaxC>
-                    <<<static_cast<unsigned int>(num_warps), kStagedThreads, 0, stream>>>(a...);
+                    <<<grid_for(total, kStagedThreads), kStagedThreads, 0, stream>>>(a...);
               },
               args);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
