@@ -61,22 +61,7 @@ at::Tensor dispatch_fwd_cuda(const at::Tensor& x_in, const at::Tensor& sorted_im
         static_cast<W*>(out.mutable_data_ptr()), batch, slots, row_words);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // The widest word that divides a row's bytes and both base addresses.
-  const auto fits = [&](int64_t bytes) {
-    return row_bytes % bytes == 0 && aligned(x.const_data_ptr(), bytes) &&
-           aligned(out.const_data_ptr(), bytes);
-  };
-  if (fits(16)) {
-    launch(uint4{});
-  } else if (fits(8)) {
-    launch(uint2{});
-  } else if (fits(4)) {
-    launch(static_cast<unsigned int>(0));
-  } else if (fits(2)) {
-    launch(static_cast<unsigned short>(0));
-  } else {
-    launch(static_cast<unsigned char>(0));
-  }
+  rows::with_widest_word(row_bytes, x.const_data_ptr(), out.const_data_ptr(), launch);
   return out;
 }
 

@@ -82,4 +82,26 @@ __global__ void dispatch_bwd_kernel(const T* __restrict__ grad_out,       // [S,
   }
 }
 
+// Host side (dispatch.cu and tests/csrc/cuda_emulation): calls launch(W{}) with W the widest of
+// uint4 / uint2 / unsigned int / unsigned short / unsigned char whose size divides a row's
+// bytes and both base addresses.
+template <typename Launch>
+void with_widest_word(int64_t row_bytes, const void* x, const void* out, const Launch& launch) {
+  const auto fits = [&](int64_t bytes) {
+    return row_bytes % bytes == 0 && reinterpret_cast<std::uintptr_t>(x) % bytes == 0 &&
+           reinterpret_cast<std::uintptr_t>(out) % bytes == 0;
+  };
+  if (fits(16)) {
+    launch(uint4{});
+  } else if (fits(8)) {
+    launch(uint2{});
+  } else if (fits(4)) {
+    launch(static_cast<unsigned int>(0));
+  } else if (fits(2)) {
+    launch(static_cast<unsigned short>(0));
+  } else {
+    launch(static_cast<unsigned char>(0));
+  }
+}
+
 }  // namespace moce::cuda::rows

@@ -34,36 +34,6 @@ bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) %
 // CUDA toolkit may lack.
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Calls launch(std::integral_constant<int, MAX_C>) with the smallest of the staged forward's
-// widths (32, 64, 96 channels: 16, 32, 48 KB of shared memory per warp) that holds C, and returns
-// true; false (nothing launched) past 96 channels.
-template <typename Launch>
-bool with_staged_width(int64_t C, const Launch& launch) {
-  if (C <= 32) {
-    launch(std::integral_constant<int, 32>{});
-  } else if (C <= 64) {
-    launch(std::integral_constant<int, 64>{});
-  } else if (C <= 96) {
-    launch(std::integral_constant<int, 96>{});
-  } else {
-    return false;
-  }
-  return true;
-}
-
-// The same for the staged backward, which stages x and grad_y: 32 or 48 channels (32 or 48 KB).
-template <typename Launch>
-bool with_staged_bwd_width(int64_t C, const Launch& launch) {
-  if (C <= 32) {
-    launch(std::integral_constant<int, 32>{});
-  } else if (C <= 48) {
-    launch(std::integral_constant<int, 48>{});
-  } else {
-    return false;
-  }
-  return true;
-}
-
 unsigned int grid_for(int64_t threads_needed, int block) {
   const int64_t blocks = (threads_needed + block - 1) / block;
   MOCE_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "moce::layernorm2d: input too large (",
@@ -101,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm2d_fwd_cuda(const at::Te
                                         packs_per_image, C, N, static_cast<acc_t>(eps));
       if constexpr (V * sizeof(scalar_t) == 16) {
         // x read once (layernorm2d_fwd_staged_kernel) where the channels fit its shared memory.
-        const bool staged = with_staged_width(C, [&](auto width_tag) {
+        const bool staged = moce::cuda::with_staged_width(C, [&](auto width_tag) {
           constexpr int kMaxC = decltype(width_tag)::value;
           std::apply(
               [&](auto... a) {
@@ -172,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm2d_bwd_cuda(const at::Te
       // its blocks are single warps, so the partial sums are laid out the same.
       bool staged = false;
       if constexpr (V * sizeof(scalar_t) == 16) {
-        staged = with_staged_bwd_width(C, [&](auto width_tag) {
+        staged = moce::cuda::with_staged_bwd_width(C, [&](auto width_tag) {
           constexpr int kMaxC = decltype(width_tag)::value;
           std::apply(
               [&](auto... a) {

@@ -14,6 +14,7 @@
 #include <cuda_pipeline.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -100,6 +101,37 @@ __global__ void layernorm2d_fwd_kernel(const T* __restrict__ x,      // [B, C, N
   const auto load = [&](int64_t c) { return load_pack<T, VEC>(xb + c * N); };
   layernorm2d_fwd_pixels<T, acc_t, VEC>(load, w, b, y + bi * C * N + p, mean + bi * N + p, rstd + bi * N + p, C,
                                         N, eps);
+}
+
+// Host side (the .cu launcher and tests/csrc/cuda_emulation): which staged kernel, if any.
+// Calls launch(std::integral_constant<int, MAX_C>) with the smallest of the staged forward's
+// widths (32, 64, 96 channels: 16, 32, 48 KB of shared memory per warp) that holds C, and returns
+// true; false (nothing launched) past 96 channels.
+template <typename Launch>
+bool with_staged_width(int64_t C, const Launch& launch) {
+  if (C <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else if (C <= 64) {
+    launch(std::integral_constant<int, 64>{});
+  } else if (C <= 96) {
+    launch(std::integral_constant<int, 96>{});
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// The same for the staged backward, which stages x and grad_y: 32 or 48 channels (32 or 48 KB).
+template <typename Launch>
+bool with_staged_bwd_width(int64_t C, const Launch& launch) {
+  if (C <= 32) {
+    launch(std::integral_constant<int, 32>{});
+  } else if (C <= 48) {
+    launch(std::integral_constant<int, 48>{});
+  } else {
+    return false;
+  }
+  return true;
 }
 
 // The staged forward: one warp per block, a thread's C packs copied into shared memory with

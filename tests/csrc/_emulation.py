@@ -130,3 +130,10 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) 
     """float32: the same sums in another order; bfloat16: one rounding of the output (2^-8)."""
     rtol, atol = (2e-5, 2e-5) if dtype == torch.float32 else (1.6e-2, 1e-2)
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol, msg=what)
+
+
+def close_sums(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """``close`` for gradients that sum over whole images or rows (weights, biases, gates),
+    relative to their scale: their absolute rounding grows with the terms summed."""
+    scale = want.abs().max().clamp_min(1.0)
+    close(got / scale, want / scale, dtype, what)

@@ -40,28 +40,22 @@ def test_other_backends_run_conv2d_itself(backend):
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias))
 
 
-@needs_triton
-@pytest.mark.parametrize(("shape", "c_out", "bias"), [((3, 12, 7, 9), 20, True), ((1, 5, 1, 13), 3, False)])
-def test_triton_matches_conv2d_with_gradients(shape, c_out, bias):
-    torch.manual_seed(0)
-    conv = PointwiseConv2d(shape[1], c_out, bias=bias)
-    x = torch.randn(shape, requires_grad=True)
-    params = list(conv.parameters())
-    g = torch.randn(shape[0], c_out, *shape[2:])
-    want = F.conv2d(x, conv.weight, conv.bias)
-    grads_want = torch.autograd.grad(want, [x, *params], g)
+SHAPES = [((3, 12, 7, 9), 20, True), ((1, 5, 1, 13), 3, False)]
+
+
+def _triton(conv, x):
     conv.backend = "triton"
-    got = conv(x)
-    grads_got = torch.autograd.grad(got, [x, *params], g)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads_got, grads_want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return conv(x)
 
 
-@pytest.mark.parametrize(("shape", "c_out", "bias"), [((3, 12, 7, 9), 20, True), ((1, 5, 1, 13), 3, False)])
-def test_gemm_candidate_matches_conv2d_with_gradients(shape, c_out, bias):
-    """Benchmark mode's "cublas" candidate (one batched GEMM over the NCHW images, then the
-    bias) computes nn.Conv2d's function, gradients included."""
+def _gemm(conv, x):
+    """Benchmark mode's "cublas" candidate: one batched GEMM over the NCHW images, then the bias."""
+    return conv._gemm(*conv.autocast_operands(x))
+
+
+def assert_matches_conv2d_with_gradients(run, shape, c_out, bias):
+    """``run(conv, x)`` computes nn.Conv2d's function, gradients of x and the parameters included;
+    returns (run's output, nn.Conv2d's)."""
     torch.manual_seed(0)
     conv = PointwiseConv2d(shape[1], c_out, bias=bias)
     x = torch.randn(shape, requires_grad=True)
@@ -69,40 +63,48 @@ def test_gemm_candidate_matches_conv2d_with_gradients(shape, c_out, bias):
     g = torch.randn(shape[0], c_out, *shape[2:])
     want = F.conv2d(x, conv.weight, conv.bias)
     grads_want = torch.autograd.grad(want, [x, *params], g)
-    got = conv._gemm(*conv.autocast_operands(x))
+    got = run(conv, x)
     grads_got = torch.autograd.grad(got, [x, *params], g)
-    assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return got, want
 
 
-def test_gemm_candidate_under_autocast_computes_in_the_autocast_dtype():
+def assert_computes_in_the_autocast_dtype(run):
+    """Under CPU autocast, ``run(conv, x)`` computes in bfloat16 as nn.Conv2d does there, and the
+    float32 parameters get float32 gradients."""
     torch.manual_seed(0)
     conv = PointwiseConv2d(8, 12)
     x = torch.randn(2, 8, 5, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = conv(x)  # "auto" on the CPU: nn.Conv2d under autocast
-        got = conv._gemm(*conv.autocast_operands(x))
+        got = run(conv, x)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
     got.float().sum().backward()
     assert conv.weight.grad.dtype == torch.float32 and conv.bias.grad.dtype == torch.float32
+
+
+@needs_triton
+@pytest.mark.parametrize(("shape", "c_out", "bias"), SHAPES)
+def test_triton_matches_conv2d_with_gradients(shape, c_out, bias):
+    assert_matches_conv2d_with_gradients(_triton, shape, c_out, bias)
+
+
+@pytest.mark.parametrize(("shape", "c_out", "bias"), SHAPES)
+def test_gemm_candidate_matches_conv2d_with_gradients(shape, c_out, bias):
+    got, want = assert_matches_conv2d_with_gradients(_gemm, shape, c_out, bias)
+    assert got.shape == want.shape and got.is_contiguous()
+
+
+def test_gemm_candidate_under_autocast_computes_in_the_autocast_dtype():
+    assert_computes_in_the_autocast_dtype(_gemm)
 
 
 @needs_triton
 def test_triton_under_autocast_computes_in_the_autocast_dtype():
-    torch.manual_seed(0)
-    conv = PointwiseConv2d(8, 12)
-    x = torch.randn(2, 8, 5, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = conv(x)  # "auto" on the CPU: nn.Conv2d under autocast
-        conv.backend = "triton"
-        got = conv(x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
-    got.float().sum().backward()
-    assert conv.weight.grad.dtype == torch.float32 and conv.bias.grad.dtype == torch.float32
+    assert_computes_in_the_autocast_dtype(_triton)
 
 
 def test_choose_runs_nothing_when_it_cannot_time():

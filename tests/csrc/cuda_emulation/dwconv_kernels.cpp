@@ -3,13 +3,12 @@
 // choice of 16-byte path and kernel class, the same scratch buffers. A C interface for ctypes
 // (tests/csrc/test_cuda_emulation.py); dtype 0 = float32, 1 = bfloat16.
 #include "cuda_shim.h"
+#include "drivers.h"
 
 // clang-format off: the shim must come first.
 #include "../../../csrc/cuda/dwconv_gelu_gate.cuh"
 #include "../../../csrc/cuda/grouped_dwconv.cuh"
 // clang-format on
-
-#include <c10/util/BFloat16.h>
 
 #include <limits>
 #include <type_traits>
@@ -36,35 +35,15 @@ Geometry geometry(int64_t N, int64_t C, int64_t H, int64_t W, int num_experts, i
 
 unsigned int blocks(const Geometry& g) { return static_cast<unsigned int>(g.N * g.C * g.tiles); }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The .cu files' rule: rows a multiple of the vector width and 16-byte aligned bases; `scalar`
 // forces the 1-element path.
 template <typename T>
 bool vectors(int64_t W, std::initializer_list<const void*> ptrs, int scalar) {
   if (scalar || W % (16 / static_cast<int64_t>(sizeof(T))) != 0) return false;
   for (const void* p : ptrs) {
-    if (!aligned16(p)) return false;
+    if (!emu::aligned(p, 16)) return false;
   }
   return true;
-}
-
-template <typename T, typename Launch>
-void with_vector_width(bool vec, const Launch& launch) {
-  if (vec) {
-    launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
-}
-
-template <typename Body>
-void with_dtype(int dtype, const Body& body) {
-  if (dtype == 0) {
-    body(float{});
-  } else {
-    body(c10::BFloat16{});
-  }
 }
 
 dw::ExpertTable table_of(const int64_t* channels, const int64_t* kernel_sizes, int E) {
@@ -87,9 +66,9 @@ void grouped_dwconv_fwd(int dtype, const void* x, const void* weight, const void
   const Geometry g = geometry(N, C, H, W, E, k_max);
   const dw::ExpertTable table = table_of(channels, kernel_sizes, E);
   const std::vector<int64_t> sizes(kernel_sizes, kernel_sizes + E);
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    with_vector_width<T>(vectors<T>(W, {x}, scalar), [&](auto vec_tag) {
+    emu::with_vector_width<T>(vectors<T>(W, {x}, scalar), [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       dw::with_kernel_class(dw::largest_kernel(sizes), [&](auto class_tag) {
         constexpr int KC = decltype(class_tag)::value;
@@ -113,9 +92,9 @@ void grouped_dwconv_bwd(int dtype, const void* grad_y, const void* x, const void
   const int taps = static_cast<int>(largest * largest + 1);
   // Every entry is written by the first kernel: NaN shows one that is not.
   std::vector<float> partial(static_cast<size_t>(g.N * g.C * g.tiles * taps), std::numeric_limits<float>::quiet_NaN());
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    with_vector_width<T>(vectors<T>(W, {x, grad_y}, scalar), [&](auto vec_tag) {
+    emu::with_vector_width<T>(vectors<T>(W, {x, grad_y}, scalar), [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       dw::with_kernel_class(largest, [&](auto class_tag) {
         constexpr int KC = decltype(class_tag)::value;
@@ -134,9 +113,9 @@ void grouped_dwconv_bwd(int dtype, const void* grad_y, const void* x, const void
 void dwconv_gelu_gate_fwd(int dtype, const void* x, const void* weight, const void* bias, int64_t B, int64_t Ch,
                           int64_t H, int64_t W, int64_t K, void* y, int scalar) {
   const Geometry g = geometry(B, Ch, H, W, 1, K);
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    with_vector_width<T>(vectors<T>(W, {x}, scalar), [&](auto vec_tag) {
+    emu::with_vector_width<T>(vectors<T>(W, {x}, scalar), [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       dw::with_kernel_class(K, [&](auto class_tag) {
         constexpr int KC = decltype(class_tag)::value;
@@ -158,10 +137,11 @@ void dwconv_gelu_gate_bwd(int dtype, const void* grad_y, const void* x, const vo
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<float> grad_u(static_cast<size_t>(B * 2 * Ch * H * W), nan);
   std::vector<float> partial(static_cast<size_t>(planes.N * planes.C * planes.tiles * taps), nan);
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     // As the .cu: grad_u, a fresh allocation, takes the 16-byte path whenever x does.
-    with_vector_width<T>(vectors<T>(W, {x}, scalar) && aligned16(grad_u.data()), [&](auto vec_tag) {
+    const bool vec = vectors<T>(W, {x}, scalar) && emu::aligned(grad_u.data(), 16);
+    emu::with_vector_width<T>(vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       constexpr int GV = V == 1 ? 1 : 16 / static_cast<int>(sizeof(float));
       dw::with_kernel_class(K, [&](auto class_tag) {

@@ -2,12 +2,11 @@
 // csrc/cuda/layernorm2d.cu drives them (block sizes, 16-byte path, per-warp partial sums).
 // dtype 0 = float32, 1 = bfloat16; statistics and parameters in float32.
 #include "cuda_shim.h"
+#include "drivers.h"
 
 // clang-format off: the shim must come first.
 #include "../../../csrc/cuda/layernorm2d.cuh"
 // clang-format on
-
-#include <c10/util/BFloat16.h>
 
 #include <limits>
 #include <tuple>
@@ -19,28 +18,8 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kReduceThreads = 256;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 unsigned int grid_for(int64_t threads_needed, int block) {
   return static_cast<unsigned int>((threads_needed + block - 1) / block);
-}
-
-template <typename Body>
-void with_dtype(int dtype, const Body& body) {
-  if (dtype == 0) {
-    body(float{});
-  } else {
-    body(c10::BFloat16{});
-  }
-}
-
-template <typename T, typename Launch>
-void with_vector_width(bool vec, const Launch& launch) {
-  if (vec) {
-    launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
 }
 
 }  // namespace
@@ -51,20 +30,20 @@ extern "C" {
 // x twice even where the .cu would launch the staged one (the tests compare the two).
 void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, int64_t B, int64_t C, int64_t N,
                      float eps, void* y, float* mean, float* rstd, int scalar, int global_only) {
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
-    const bool use_vec = !scalar && N % vec == 0 && aligned16(x) && aligned16(y);
-    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+    const bool use_vec = !scalar && N % vec == 0 && emu::aligned(x, 16) && emu::aligned(y, 16);
+    emu::with_vector_width<T>(use_vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const int64_t packs_per_image = N / V;
       const int64_t total = B * packs_per_image;
       const auto args = std::make_tuple(static_cast<const T*>(x), w, b, static_cast<T*>(y), mean, rstd, total,
                                         packs_per_image, C, N, eps);
-      // As the .cu: the staged kernel on the 16-byte path for C <= 96 (unless `global_only`).
+      // As the .cu: the staged kernel on the 16-byte path where C fits it (unless `global_only`).
       if constexpr (V * sizeof(T) == 16) {
-        if (!global_only && C <= 96) {
-          const auto staged = [&](auto width_tag) {
+        if (!global_only) {
+          const bool staged = moce::cuda::with_staged_width(C, [&](auto width_tag) {
             constexpr int kMaxC = decltype(width_tag)::value;
             std::apply(
                 [&](auto... a) {
@@ -72,15 +51,8 @@ void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, i
                               moce::cuda::layernorm2d_fwd_staged_kernel<T, float, V, kMaxC>, a...);
                 },
                 args);
-          };
-          if (C <= 32) {
-            staged(std::integral_constant<int, 32>{});
-          } else if (C <= 64) {
-            staged(std::integral_constant<int, 64>{});
-          } else {
-            staged(std::integral_constant<int, 96>{});
-          }
-          return;
+          });
+          if (staged) return;
         }
       }
       std::apply(
@@ -96,11 +68,12 @@ void layernorm2d_fwd(int dtype, const void* x, const float* w, const float* b, i
 void layernorm2d_bwd(int dtype, const void* grad_y, const void* x, const float* w, const float* mean,
                      const float* rstd, int64_t B, int64_t C, int64_t N, void* grad_x, float* grad_w, float* grad_b,
                      int scalar, int global_only) {
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
-    const bool use_vec = !scalar && N % vec == 0 && aligned16(x) && aligned16(grad_y) && aligned16(grad_x);
-    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+    const bool use_vec =
+        !scalar && N % vec == 0 && emu::aligned(x, 16) && emu::aligned(grad_y, 16) && emu::aligned(grad_x, 16);
+    emu::with_vector_width<T>(use_vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const int64_t packs_per_image = N / V;
       const int64_t total = B * packs_per_image;
@@ -112,24 +85,18 @@ void layernorm2d_bwd(int dtype, const void* grad_y, const void* x, const float* 
                                         static_cast<T*>(grad_x), partial_w.data(), partial_b.data(), total,
                                         packs_per_image, C, N, num_warps);
       bool staged = false;
-      // As the .cu: the staged kernel (single-warp blocks) on the 16-byte path for C <= 48.
+      // As the .cu: the staged kernel (single-warp blocks) on the 16-byte path where C fits it.
       if constexpr (V * sizeof(T) == 16) {
-        if (!global_only && C <= 48) {
-          const auto run = [&](auto width_tag) {
+        if (!global_only) {
+          staged = moce::cuda::with_staged_bwd_width(C, [&](auto width_tag) {
             constexpr int kMaxC = decltype(width_tag)::value;
             std::apply(
                 [&](auto... a) {
-                  emu::launch(static_cast<unsigned int>(num_warps), moce::cuda::kStagedThreads,
+                  emu::launch(grid_for(total, moce::cuda::kStagedThreads), moce::cuda::kStagedThreads,
                               moce::cuda::layernorm2d_bwd_staged_kernel<T, float, V, kMaxC>, a...);
                 },
                 args);
-          };
-          if (C <= 32) {
-            run(std::integral_constant<int, 32>{});
-          } else {
-            run(std::integral_constant<int, 48>{});
-          }
-          staged = true;
+          });
         }
       }
       if (!staged) {

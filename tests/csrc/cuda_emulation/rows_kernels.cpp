@@ -3,12 +3,11 @@
 // files use 1 << 20 blocks along a row and 65,535 down the rows) so that small tests reach the
 // kernels' grid-stride loops. dtype 0 = float32, 1 = bfloat16; gates and accumulation float32.
 #include "cuda_shim.h"
+#include "drivers.h"
 
 // clang-format off: the shim must come first.
 #include "../../../csrc/cuda/combine.cuh"
 // clang-format on
-
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <limits>
@@ -21,29 +20,9 @@ namespace rows = moce::cuda::rows;
 
 constexpr int kThreads = 256;
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 dim3 row_grid(int64_t row_items, int64_t rows_, int64_t cap_x, int64_t cap_y) {
   const int64_t x = std::max<int64_t>(1, std::min<int64_t>((row_items + kThreads - 1) / kThreads, cap_x));
   return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(std::clamp<int64_t>(rows_, 1, cap_y)));
-}
-
-template <typename Body>
-void with_dtype(int dtype, const Body& body) {
-  if (dtype == 0) {
-    body(float{});
-  } else {
-    body(c10::BFloat16{});
-  }
-}
-
-template <typename T, typename Launch>
-void with_vector_width(bool vec, const Launch& launch) {
-  if (vec) {
-    launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
 }
 
 }  // namespace
@@ -59,28 +38,17 @@ void dispatch_fwd(const void* x, const int64_t* index, int64_t batch, int64_t sl
     emu::launch(row_grid(row_words, slots, cap_x, cap_y), dim3(kThreads), rows::dispatch_fwd_kernel<W>,
                 static_cast<const W*>(x), index, static_cast<W*>(out), batch, slots, row_words);
   };
-  const auto fits = [&](int64_t bytes) { return row_bytes % bytes == 0 && aligned(x, bytes) && aligned(out, bytes); };
-  if (fits(16)) {
-    launch(uint4{});
-  } else if (fits(8)) {
-    launch(uint2{});
-  } else if (fits(4)) {
-    launch(static_cast<unsigned int>(0));
-  } else if (fits(2)) {
-    launch(static_cast<unsigned short>(0));
-  } else {
-    launch(static_cast<unsigned char>(0));
-  }
+  rows::with_widest_word(row_bytes, x, out, launch);
 }
 
 // grad_x[b] = sum over b's k slots of grad_out[inverse[b * k + j]], as dispatch_bwd_cuda.
 void dispatch_bwd(int dtype, const void* grad_out, const int64_t* inverse, int64_t batch, int64_t k,
                   int64_t features, void* grad_x, int64_t cap_x, int64_t cap_y) {
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
-    const bool use_vec = features % vec == 0 && aligned(grad_out, 16) && aligned(grad_x, 16);
-    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+    const bool use_vec = features % vec == 0 && emu::aligned(grad_out, 16) && emu::aligned(grad_x, 16);
+    emu::with_vector_width<T>(use_vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       emu::launch(row_grid(features / V, batch, cap_x, cap_y), dim3(kThreads), rows::dispatch_bwd_kernel<T, float, V>,
                   static_cast<const T*>(grad_out), inverse, static_cast<T*>(grad_x), batch, k, features);
@@ -91,11 +59,11 @@ void dispatch_bwd(int dtype, const void* grad_out, const int64_t* inverse, int64
 // out[b] = sum_j gates[b, j] * y[inverse[b * k + j]], as combine_fwd_cuda.
 void combine_fwd(int dtype, const void* y, const float* gates, const int64_t* inverse, int64_t batch, int64_t k,
                  int64_t features, void* out, int64_t cap_x, int64_t cap_y) {
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
-    const bool use_vec = features % vec == 0 && aligned(y, 16) && aligned(out, 16);
-    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+    const bool use_vec = features % vec == 0 && emu::aligned(y, 16) && emu::aligned(out, 16);
+    emu::with_vector_width<T>(use_vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       emu::launch(row_grid(features / V, batch, cap_x, cap_y), dim3(kThreads), rows::combine_fwd_kernel<T, float, V>,
                   static_cast<const T*>(y), gates, inverse, static_cast<T*>(out), batch, k, features);
@@ -107,11 +75,12 @@ void combine_fwd(int dtype, const void* y, const float* gates, const int64_t* in
 void combine_bwd(int dtype, const void* grad_out, const void* y, const float* gates, const int64_t* inverse,
                  const int64_t* sorted_slots, int64_t slots, int64_t k, int64_t features, void* grad_y,
                  float* grad_gates, int64_t cap_x, int64_t cap_y) {
-  with_dtype(dtype, [&](auto tag) {
+  emu::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int vec = 16 / static_cast<int>(sizeof(T));
-    const bool use_vec = features % vec == 0 && aligned(grad_out, 16) && aligned(y, 16) && aligned(grad_y, 16);
-    with_vector_width<T>(use_vec, [&](auto vec_tag) {
+    const bool use_vec =
+        features % vec == 0 && emu::aligned(grad_out, 16) && emu::aligned(y, 16) && emu::aligned(grad_y, 16);
+    emu::with_vector_width<T>(use_vec, [&](auto vec_tag) {
       constexpr int V = decltype(vec_tag)::value;
       const int64_t packs = features / V;
       emu::launch(row_grid(packs, slots, cap_x, cap_y), dim3(kThreads), rows::combine_bwd_y_kernel<T, float, V>,
