@@ -10,6 +10,7 @@ from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
 from moce_kernels.dispatch_pointwise import dispatch_pointwise
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
+from moce_kernels.fused_pointwise import fused_pointwise
 from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
 from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
 from moce_kernels.grouped_patch_fft_conv import grouped_patch_fft_conv
@@ -28,6 +29,7 @@ __all__ = [
     "dispatch",
     "dispatch_pointwise",
     "dwconv_gelu_gate",
+    "fused_pointwise",
     "grouped_dwconv",
     "grouped_layernorm2d",
     "grouped_patch_fft_conv",

@@ -10,6 +10,7 @@ from moce_kernels._backend import op_backend, resolve_backend
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.qk_gram import qk_gram
 from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
+from moceir.layers.norm import LayerNorm2d
 
 
 def channel_attention(
@@ -95,11 +96,17 @@ class Attention(nn.Module):
         self.qkv_dwconv = depthwise(dim * 3, 3, bias)
         self.project_out = PointwiseConv2d(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+    def forward(
+        self, x: torch.Tensor, norm: LayerNorm2d | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``project_out(attention(qkv(norm(x)))) + residual`` (norm and residual optional: the
+        block's LayerNorm and skip, fused into the 1x1 convolutions where the backend allows;
+        see :meth:`PointwiseConv2d.fused`)."""
+        q, k, v = self.qkv_dwconv(self.qkv.fused(x, norm)).chunk(3, dim=1)
         backend = self.qkv_dwconv.backend
         fold = can_fold_norms(backend, q)
-        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature, fold, backend))
+        out = channel_attention(q, k, v, self.heads, self.temperature, fold, backend)
+        return self.project_out.fused(out, residual=residual)
 
 
 class CrossAttention(nn.Module):
@@ -115,12 +122,15 @@ class CrossAttention(nn.Module):
         self.kv_dwconv = depthwise(dim * 2, 7, bias)
         self.project_out = PointwiseConv2d(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``project_out(attention) + residual`` (the skip fused into project_out where the
+        backend allows)."""
         q = self.q_dwconv(self.q(x))
         k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
         backend = self.q_dwconv.backend
         fold = can_fold_norms(backend, q)
-        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature, fold, backend))
+        out = channel_attention(q, k, v, self.heads, self.temperature, fold, backend)
+        return self.project_out.fused(out, residual=residual)
 
 
 class FeedForward(nn.Module):
@@ -138,15 +148,19 @@ class FeedForward(nn.Module):
         self.dwconv = depthwise(hidden * 2, 3, bias)
         self.project_out = PointwiseConv2d(hidden, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.project_in(x)
+    def forward(
+        self, x: torch.Tensor, norm: LayerNorm2d | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``project_out(gate(project_in(norm(x)))) + residual`` (norm and residual optional, as
+        in :meth:`Attention.forward`)."""
+        h = self.project_in.fused(x, norm)
         backend = self._gate_backend(h)
         if backend == "reference":
             # The unfused module code, unchanged: backend "reference", and the backends the fused
             # op has no kernel of (self.dwconv still runs theirs).
             x1, x2 = self.dwconv(h).chunk(2, dim=1)
-            return self.project_out(F.gelu(x1) * x2)
-        return self.project_out(self._fused_gate(h, backend))
+            return self.project_out.fused(F.gelu(x1) * x2, residual=residual)
+        return self.project_out.fused(self._fused_gate(h, backend), residual=residual)
 
     def _gate_backend(self, h: torch.Tensor) -> str:
         """The concrete backend of ``dwconv_gelu_gate`` for ``h``; "reference" means unfused."""

@@ -21,8 +21,11 @@ class EncoderBlock(nn.Module):
         self.ffn = FeedForward(dim, ffn_expansion, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norms[0](x))
-        return x + self.ffn(self.norms[1](x))
+        # The LayerNorms and skips go to the branches' 1x1 convolutions, which fuse them where the
+        # backend allows (PointwiseConv2d.fused); unfused this is the code above, addition order
+        # aside (the same bits).
+        x = self.mixer(x, norm=self.norms[0], residual=x)
+        return self.ffn(x, norm=self.norms[1], residual=x)
 
 
 class DecoderBlock(nn.Module):
@@ -39,11 +42,16 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.norms[0](x)
-        xs = self.shared(self.proj[0](x))
-        xa = self.adapter(self.proj[1](x), freq_emb, xs)
-        x = self.mixer(xa, xs) + shortcut
-        return x + self.ffn(self.norms[1](x))
+        if self.proj[0].fuses_norm(x, self.norms[0]):
+            # Each projection normalises x itself: x read twice, the normalised x never stored.
+            xs = self.shared(self.proj[0].fused(x, self.norms[0]))
+            xa = self.adapter(self.proj[1].fused(x, self.norms[0]), freq_emb, xs)
+        else:
+            x = self.norms[0](x)
+            xs = self.shared(self.proj[0](x))
+            xa = self.adapter(self.proj[1](x), freq_emb, xs)
+        x = self.mixer(xa, xs, residual=shortcut)
+        return self.ffn(x, norm=self.norms[1], residual=x)
 
 
 class EncoderGroup(nn.Module):

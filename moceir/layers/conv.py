@@ -10,12 +10,17 @@ fastest (:mod:`moceir.layers.tuning`), otherwise each runs its default: our dept
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from moce_kernels import grouped_dwconv, grouped_pointwise
+from moce_kernels import fused_pointwise, grouped_dwconv, grouped_pointwise
 from moce_kernels._backend import op_backend, resolve_backend, triton_usable
 from moceir.layers import tuning
+
+if TYPE_CHECKING:
+    from moceir.layers.norm import LayerNorm2d
 
 
 class _AutocastOperands:
@@ -175,4 +180,92 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
                 [c_in],
                 [c_out],
                 backend=backend,
+            )
+
+    def fused(
+        self, x: torch.Tensor, norm: LayerNorm2d | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``self(norm(x)) + residual`` (each part optional): the trunk's LayerNorm -> 1x1 and
+        1x1 -> residual add, as one ``moce_kernels.fused_pointwise`` where the backend allows.
+
+        ``backend="triton"`` always fuses (the 1x1 convolution is a Triton GEMM there anyway: the
+        fusion only removes memory traffic). "auto" on a GPU fuses in benchmark mode when the
+        fused kernel timed faster than the unfused layers for the shape (cuDNN's 1x1 convolution
+        after our LayerNorm, unmeasured against the fusion), and runs unfused otherwise; every
+        other backend (no C++ / CUDA kernel of the fusion) runs unfused. ``norm``'s own forward
+        (and its hooks) does not run when fused: its parameters are read directly.
+        """
+        backend = self._fusion_choice(x, norm, residual)
+        if backend is not None:
+            return self._fused_kernel(x, norm, residual, backend)
+        y = self(x if norm is None else norm(x))
+        return y if residual is None else y + residual
+
+    def fuses_norm(self, x: torch.Tensor, norm: LayerNorm2d) -> bool:
+        """Whether ``self.fused(x, norm)`` runs fused (for callers that would otherwise share one
+        ``norm(x)`` between several convolutions)."""
+        return self._fusion_choice(x, norm, None) is not None
+
+    def _fusion_choice(
+        self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None
+    ) -> str | None:
+        """The backend that runs :meth:`fused`'s call fused, or None for the unfused layers."""
+        backend = self._fusion_backend(x, norm, residual)
+        if backend is None or (norm is None and residual is None):
+            return None
+        if self.backend != "auto":
+            return backend
+        if not (x.is_cuda and tuning.in_use(x)):
+            return None
+
+        def unfused() -> torch.Tensor:
+            y = self(x if norm is None else norm(x))
+            return y if residual is None else y + residual
+
+        kind = "pointwise-norm" if norm is not None else "pointwise-residual"
+        candidates = {"unfused": unfused, "fused": lambda: self._fused_kernel(x, norm, residual, backend)}
+        chosen = tuning.choose(_tuning_key(kind, x, self), candidates, "unfused", x)
+        return backend if chosen == "fused" else None
+
+    def _fusion_backend(
+        self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None
+    ) -> str | None:
+        """The concrete backend of ``fused_pointwise`` for this call, or None to run unfused:
+        the reference, and inputs the unfused layers treat otherwise (their own errors, a
+        residual that broadcasts, a dtype nn.Conv2d refuses)."""
+        backend = op_backend("fused_pointwise", self.backend)
+        if backend == "reference" or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return None
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or (not autocast and x.dtype != self.weight.dtype):
+            return None
+        out_shape = (x.shape[0], self.out_channels, *x.shape[2:])
+        if residual is not None and (residual.shape != out_shape or not residual.is_floating_point()):
+            return None
+        if norm is not None and norm.body.weight.shape != (self.in_channels,):
+            return None
+        if backend == "auto":
+            backend = resolve_backend("fused_pointwise", "auto", x.device)
+        return None if backend == "reference" else backend
+
+    def _fused_kernel(
+        self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None, backend: str
+    ) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast's operands of the convolution; x stays as it is: the kernel rounds its
+            # (normalised) values to the weight's dtype, as autocast rounds the convolution's input.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        norm_args = {}
+        if norm is not None:
+            norm_args = dict(norm_weight=norm.body.weight, norm_bias=norm.body.bias, eps=norm.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return fused_pointwise(
+                x,
+                weight.view(self.out_channels, self.in_channels),
+                bias,
+                residual=residual,
+                backend=backend,
+                **norm_args,
             )

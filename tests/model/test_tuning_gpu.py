@@ -1,7 +1,8 @@
 """Benchmark mode on a GPU: the trunk's 1x1 and depthwise convolutions time our kernels against
-cuDNN's (and, for 1x1, a cuBLAS GEMM) once per shape and keep the fastest; every choice computes
-the reference's function, and a CUDA graph captured after the warm-up uses the choices without
-timing anything."""
+cuDNN's (and, for 1x1, a cuBLAS GEMM) once per shape and keep the fastest, and so do its
+LayerNorm -> 1x1 and 1x1 -> residual add (fused_pointwise against the unfused layers); every
+choice computes the reference's function, and a CUDA graph captured after the warm-up uses the
+choices without timing anything."""
 
 from __future__ import annotations
 
@@ -57,11 +58,16 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
         want = ref(x)
         got = fast(x)
         kinds = {key[0] for key in tuning.choices()}
-        assert kinds == {"pointwise", "depthwise"}
-        assert set(tuning.choices().values()) <= {"cudnn", "kernel", "triton", "cublas"}
-        # Every 1x1 shape timed its three candidates, every depthwise one its two or three.
+        assert kinds == {"pointwise", "depthwise", "pointwise-norm", "pointwise-residual"}
+        assert set(tuning.choices().values()) <= {"cudnn", "kernel", "triton", "cublas", "fused", "unfused"}
+        # Every 1x1 shape timed its three candidates, every depthwise one its two or three, every
+        # LayerNorm -> 1x1 and 1x1 -> skip the fused kernel against the unfused layers.
         for key, times in tuning.timings().items():
-            assert set(times) >= {"cudnn", "kernel"} and all(ms > 0 for ms in times.values()), key
+            assert all(ms > 0 for ms in times.values()), key
+            if key[0] in ("pointwise-norm", "pointwise-residual"):
+                assert set(times) == {"fused", "unfused"}, key
+                continue
+            assert set(times) >= {"cudnn", "kernel"}, key
             if key[0] == "pointwise":
                 assert "cublas" in times, key
         monkeypatch.setattr(tuning, "_median_ms", _never_time)
@@ -70,11 +76,12 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
     torch.testing.assert_close(again, got)  # same choices (cuDNN's algorithms may add atomics)
 
 
-@pytest.mark.parametrize("forced", ["kernel", "cudnn", "triton", "cublas"])
+@pytest.mark.parametrize("forced", ["kernel", "cudnn", "triton", "cublas", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_either_choice_computes_the_reference_with_gradients(forced, dtype, monkeypatch):
     # Where a layer has no such candidate (a 1x1 convolution has no "triton" one, a depthwise
-    # one no "cublas" one), its default.
+    # one no "cublas" one, only the trunk's LayerNorm -> 1x1 and 1x1 -> skip a "fused" one), its
+    # default.
     monkeypatch.setattr(
         tuning, "choose", lambda key, candidates, default, x: forced if forced in candidates else default
     )

@@ -1,0 +1,177 @@
+"""The trunk's LayerNorm -> 1x1 and 1x1 -> residual add on ``fused_pointwise``
+(``PointwiseConv2d.fused``): with backend "triton" (the interpreter here) every block's LayerNorm
+and skip go into its 1x1 convolutions, with the reference's function, forward and every gradient,
+also under bf16 autocast; the reference backend and the backends without a kernel of the fusion
+run the unfused layers bit for bit. Benchmark mode's choice between the two is GPU-only
+(tests/model/test_tuning_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moceir
+from moce_kernels._backend import is_available
+from moceir.layers import conv, norm
+from moceir.layers.blocks import DecoderBlock, EncoderBlock
+
+needs_triton = pytest.mark.skipif(not is_available("triton"), reason="Triton cannot run here")
+
+SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the trunk's fused_pointwise calls (with a norm, with a residual) and of its
+    unfused LayerNorm calls."""
+    counts = {"norm": 0, "residual": 0, "layernorm": 0}
+    fused, layernorm = conv.fused_pointwise, norm.layernorm2d
+
+    def counting_fused(*args, **kwargs):
+        counts["norm"] += kwargs.get("norm_weight") is not None
+        counts["residual"] += kwargs.get("residual") is not None
+        return fused(*args, **kwargs)
+
+    def counting_layernorm(*args, **kwargs):
+        counts["layernorm"] += 1
+        return layernorm(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "fused_pointwise", counting_fused)
+    monkeypatch.setattr(norm, "layernorm2d", counting_layernorm)
+    return counts
+
+
+def perturbed_model() -> moceir.MoCEIR:
+    torch.manual_seed(0)
+    model = moceir.build_model("moce_ir_s", backend="reference", **SMALL)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def blocks(model: moceir.MoCEIR) -> tuple[int, int]:
+    modules = list(model.modules())
+    encoders = sum(isinstance(m, EncoderBlock) for m in modules)
+    return encoders, sum(isinstance(m, DecoderBlock) for m in modules)
+
+
+def forward_backward(model: moceir.MoCEIR, x: torch.Tensor):
+    model.eval()
+    out = model(x)
+    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()), allow_unused=True)
+    return out.detach(), grads
+
+
+@needs_triton
+def test_triton_fuses_every_trunk_layernorm_and_skip(calls):
+    model = perturbed_model().set_backend("triton")
+    encoder_blocks, decoder_blocks = blocks(model)
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, 16, 16))
+    # Encoder block: qkv and project_in normalise, both project_outs add the skip. Decoder block:
+    # its two projections and project_in normalise, cross-attention's and the FFN's project_out add.
+    assert calls == {
+        "norm": 2 * encoder_blocks + 3 * decoder_blocks,
+        "residual": 2 * encoder_blocks + 2 * decoder_blocks,
+        "layernorm": 0,
+    }
+
+
+@needs_triton
+def test_triton_matches_reference_with_gradients():
+    model = perturbed_model()
+    x = torch.rand(2, 3, 16, 24)
+    want, want_grads = forward_backward(model, x)
+    got, got_grads = forward_backward(model.set_backend("triton"), x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for (name, p), g, w in zip(model.named_parameters(), got_grads, want_grads, strict=True):
+        g = torch.zeros_like(p) if g is None else g  # noqa: PLW2901
+        w = torch.zeros_like(p) if w is None else w  # noqa: PLW2901
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@needs_triton
+def test_triton_block_under_bf16_autocast():
+    """An encoder block on bf16 activations under autocast: the fused kernels make the unfused
+    layers' roundings, a few bf16 ulps apart. (The whole model's bf16 parity runs on the GPU,
+    tests/model/test_backends_gpu.py: Triton 3.8's interpreter truncates float32 -> bfloat16
+    casts, where a GPU rounds to nearest, so here every bf16 store is up to an ulp low, and the
+    fusion moves the residual sums from torch's rounding adds into such stores.)"""
+    model = perturbed_model()
+    block = next(m for m in model.modules() if isinstance(m, EncoderBlock)).eval()
+    x = torch.randn(2, block.norms[0].body.weight.shape[0], 8, 8).bfloat16()
+    results = []
+    for backend in ("reference", "triton"):
+        for m in block.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        grads = torch.autograd.grad(out.float().square().mean(), list(block.parameters()))
+        results.append((out.float(), grads))
+    (want, want_grads), (got, got_grads) = results
+    scale = want.abs().max().item()
+    # 2 ulps of the largest value (2 * 2^-8 relative), within which the truncation's drift stays.
+    assert (got - want).abs().max().item() <= 2 * 2**-8 * scale
+    # Gradients against the block's largest: the temperatures' are sums that cancel to ~1e-4 of
+    # it, where bf16 roundings of their terms move them by a few percent of themselves.
+    g_scale = max(w.abs().max().item() for w in want_grads)
+    for (name, p), g, w in zip(block.named_parameters(), got_grads, want_grads, strict=True):
+        assert g.dtype == p.dtype == torch.float32, name
+        torch.testing.assert_close(g / g_scale, w / g_scale, atol=2e-2, rtol=0, msg=name)
+
+
+def test_reference_backend_is_the_unfused_block_code(calls):
+    """The blocks' unfused path is ``x + branch(norm(x))`` as before, to the bit."""
+    model = perturbed_model()
+    block = next(m for m in model.modules() if isinstance(m, EncoderBlock))
+    x = torch.randn(2, block.norms[0].body.weight.shape[0], 5, 7)
+    y = x + block.mixer(block.norms[0](x))
+    want = y + block.ffn(block.norms[1](y))
+    calls["layernorm"] = 0
+    assert torch.equal(block(x), want)
+    assert calls == {"norm": 0, "residual": 0, "layernorm": 2}
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "cuda"])
+def test_backends_without_a_kernel_of_the_fusion_run_unfused(backend):
+    """On the CPU "auto" resolves to the reference of the fusion (no C++ kernel of it), and a
+    model on "cpu" / "cuda" runs its 1x1 convolutions unfused (no kernel of either backend)."""
+    conv2d = conv.PointwiseConv2d(4, 6)
+    conv2d.backend = backend
+    layer_norm = norm.LayerNorm2d(4)
+    x = torch.randn(1, 4, 3, 3)
+    assert conv2d._fusion_choice(x, layer_norm, None) is None
+    assert torch.equal(conv2d.fused(x, layer_norm), conv2d(layer_norm(x)))
+
+
+@needs_triton
+def test_inputs_the_unfused_layers_treat_otherwise_stay_unfused(calls):
+    conv2d = conv.PointwiseConv2d(4, 6)
+    conv2d.backend = "triton"
+    layer_norm = norm.LayerNorm2d(4)
+    x = torch.randn(2, 4, 3, 3)
+    # A residual that broadcasts, and activations in another dtype than the weights (nn.Conv2d's
+    # own error, as before the fusion).
+    broadcast = torch.randn(1, 6, 1, 3)
+    assert torch.equal(conv2d.fused(x, residual=broadcast), conv2d(x) + broadcast)
+    with pytest.raises(RuntimeError) as want:
+        conv.nn.Conv2d.forward(conv2d, x.double())
+    with pytest.raises(RuntimeError) as got:
+        conv2d.fused(x.double(), layer_norm)
+    assert str(got.value) == str(want.value)
+    assert calls["norm"] == calls["residual"] == 0
+    # Nothing to fuse: the plain convolution.
+    assert torch.equal(conv2d.fused(x), conv2d(x))
+
+
+@needs_triton
+def test_fused_block_compiles_to_one_graph(calls):
+    model = perturbed_model().set_backend("triton")
+    block = next(m for m in model.modules() if isinstance(m, EncoderBlock)).eval()
+    x = torch.randn(1, block.norms[0].body.weight.shape[0], 6, 5)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+    assert calls["norm"] > 0 and calls["residual"] > 0
