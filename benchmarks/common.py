@@ -36,6 +36,7 @@ OPS = (
     "dispatch_pointwise",
     "pointwise_combine",
     "dwconv_gelu_gate",
+    "fused_pointwise",
     "grouped_dwconv",
     "grouped_layernorm2d",
     "grouped_patch_fft_conv",

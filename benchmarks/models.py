@@ -307,6 +307,8 @@ _FUNCTIONS = (
     ("moceir.layers.experts", "grouped_dwconv", "experts: grouped_dwconv"),
     ("moceir.layers.experts", "patch_fft_conv", "experts: patch_fft_conv"),
     ("moceir.layers.experts", "layernorm2d", "layernorm"),
+    # The trunk's LayerNorm -> 1x1 and 1x1 -> skip where fused (PointwiseConv2d.fused).
+    ("moceir.layers.conv", "fused_pointwise", "conv 1x1 + layernorm / residual (fused)"),
 )
 
 _MODULE_LABELS = {

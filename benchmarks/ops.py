@@ -247,6 +247,47 @@ def _spread(batch: int) -> list[int]:
     return [sum(1 for b in range(batch) if CHOICES[b % len(CHOICES)] == e) for e in range(NUM_EXPERTS)]
 
 
+def bench_fused_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The trunk's LayerNorm -> qkv (C -> 3C) and project_out (C -> C) + skip at each level, in
+    the model's dtype (the LayerNorm's parameters float32, as the model keeps them)."""
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        x = _rand((sizes.batch, width, side, side), device, dtype)
+        for case, c_out, norm in (("qkv_norm", 3 * width, True), ("project_out_residual", width, False)):
+            w = (torch.randn(c_out, width, device=device) / width**0.5).to(dtype).requires_grad_(True)
+            b = (0.1 * torch.randn(c_out, device=device)).to(dtype).requires_grad_(True)
+            extra = {}
+            if norm:
+                extra["norm_weight"] = (1 + 0.1 * torch.randn(width, device=device)).requires_grad_(True)
+                extra["norm_bias"] = (0.1 * torch.randn(width, device=device)).requires_grad_(True)
+            else:
+                extra["residual"] = _rand((sizes.batch, c_out, side, side), device, dtype)
+            y_bytes = sizes.batch * c_out * side * side * x.element_size()
+            params = nbytes(w, b, *(t for k, t in extra.items() if k != "residual"))
+            residual = nbytes(extra["residual"]) if not norm else 0
+            fl = 2.0 * x.numel() * c_out
+            out.append(
+                Bench(
+                    op="fused_pointwise",
+                    case=f"{level}.{case}",
+                    shape=list(x.shape),
+                    forward=lambda p, x=x, w=w, b=b, extra=extra: moce_kernels.fused_pointwise(
+                        x, w, b, backend=p, **extra
+                    ),
+                    diff_outputs=lambda o: [o],
+                    all_outputs=lambda o: [o],
+                    inputs=[x, w, b, *extra.values()],
+                    # forward: x (and the residual) in, y out; backward: grad y and x in, grad x
+                    # out (the grad of the residual is grad y itself).
+                    bytes_moved=_with_full(
+                        nbytes(x) + residual + y_bytes + params, y_bytes + 2 * nbytes(x) + 2 * params
+                    ),
+                    flops=_full_flops(fl, 2 * fl),
+                )
+            )
+    return out
+
+
 def bench_grouped_dwconv(sizes: Sizes, device, dtype) -> list[Bench]:
     out = []
     rows = _spread(sizes.batch)
@@ -592,6 +633,7 @@ SETUPS = {
     "dispatch_pointwise": bench_dispatch_pointwise,
     "pointwise_combine": bench_pointwise_combine,
     "dwconv_gelu_gate": bench_dwconv_gelu_gate,
+    "fused_pointwise": bench_fused_pointwise,
     "grouped_dwconv": bench_grouped_dwconv,
     "grouped_layernorm2d": bench_grouped_layernorm2d,
     "grouped_patch_fft_conv": bench_grouped_patch_fft_conv,

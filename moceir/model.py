@@ -143,6 +143,18 @@ class MoCEIR(nn.Module):
             adapter.expert_path = path
         return self
 
+    def set_trunk_fusion(self, enabled: bool) -> MoCEIR:
+        """Whether the blocks may fuse their LayerNorms and skips into their 1x1 convolutions
+        (``moce_kernels.fused_pointwise``; on by default: backend "triton" fuses, "auto" in
+        GPU benchmark mode where timed faster). Off, every backend runs them unfused: for
+        comparing numerics or memory traffic. The function is the same either way."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        for m in self.modules():
+            if isinstance(m, PointwiseConv2d):
+                m.fuse_neighbours = enabled
+        return self
+
     def compile_dynamic(self) -> bool | None:
         """The ``dynamic`` argument ``torch.compile`` needs for this model as it is set now.
 

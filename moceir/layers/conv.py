@@ -123,6 +123,8 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias)
         self.backend = "auto"
+        #: Whether :meth:`fused` may fuse (``MoCEIR.set_trunk_fusion``).
+        self.fuse_neighbours = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = op_backend("grouped_pointwise", self.backend)
@@ -234,7 +236,7 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
         the reference, and inputs the unfused layers treat otherwise (their own errors, a
         residual that broadcasts, a dtype nn.Conv2d refuses)."""
         backend = op_backend("fused_pointwise", self.backend)
-        if backend == "reference" or x.dim() != 4 or x.shape[1] != self.in_channels:
+        if not self.fuse_neighbours or backend == "reference" or x.dim() != 4 or x.shape[1] != self.in_channels:
             return None
         autocast = torch.is_autocast_enabled(x.device.type)
         if not x.is_floating_point() or (not autocast and x.dtype != self.weight.dtype):

@@ -175,3 +175,20 @@ def test_fused_block_compiles_to_one_graph(calls):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
     assert calls["norm"] > 0 and calls["residual"] > 0
+
+
+@needs_triton
+def test_set_trunk_fusion_off_runs_every_backend_unfused(calls):
+    model = perturbed_model().set_backend("triton").eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        fused = model(x)
+        assert calls["norm"] > 0 and calls["layernorm"] == 0
+        counts = dict(calls)
+        unfused = model.set_trunk_fusion(False)(x)
+    encoder_blocks, decoder_blocks = blocks(model)
+    assert calls["norm"] == counts["norm"] and calls["residual"] == counts["residual"]
+    assert calls["layernorm"] == 2 * (encoder_blocks + decoder_blocks)
+    torch.testing.assert_close(unfused, fused, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        model.set_trunk_fusion("off")
