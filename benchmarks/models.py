@@ -221,6 +221,8 @@ _NO_TRAFFIC = {
     "new_empty_strided",
     "detach",
     "alias",
+    # A view whose schema does not say so (matmul reshapes its result with it): no data moves.
+    "_unsafe_view",
     "lift_fresh",
     "_local_scalar_dense",
     "set_",

@@ -39,9 +39,11 @@ _ln = importlib.import_module("moce_kernels.layernorm2d.triton")
 mma = _pw.mma
 
 #: float32 products run on FMA (IEEE, no TF32): with the statistics' vectors live, the GEMM's
-#: [64, 128] tile takes 255 registers and spills 400 bytes on sm_90 (ptxas, 8 warps); [64, 64]
-#: fits in 255 without spilling. The bfloat16 / float16 tiles (wgmma) take 128-165.
+#: [64, 128] tile over 32-channel steps takes 255 registers and spills 400 bytes on sm_90 (ptxas,
+#: 8 warps, Triton 3.8), [64, 64] still spills 16 with Triton 3.6; [64, 64] over 16-channel steps
+#: takes 128-151 and spills nothing with either. The bfloat16 / float16 tiles (wgmma) take 140-175.
 _FP32_BLOCK_P = 64
+_FP32_BLOCK_K = 16
 
 _acc_dtype = _triton_common.acc_dtype
 _device_guard = _triton_common.device_guard
@@ -134,10 +136,11 @@ def fused_pointwise_kernel(
 
 def _blocks(c_out: int, c_in: int, pixels: int, dtype: torch.dtype) -> dict[str, int]:
     """The kernel's tiles: grouped_pointwise's row-kernel tiles for the product's dtype, narrower
-    in pixels for float32 on a GPU (see ``_FP32_BLOCK_P``)."""
+    for float32 on a GPU (see ``_FP32_BLOCK_P``)."""
     b = _pw._rows_blocks(c_out, c_in, pixels, dtype)
-    if dtype == torch.float32 and not _triton_common.interpreted() and b["block_p"] > _FP32_BLOCK_P:
-        b = dict(b, block_p=_FP32_BLOCK_P, p_blocks=triton.cdiv(pixels, _FP32_BLOCK_P))
+    if dtype == torch.float32 and not _triton_common.interpreted():
+        block_p, block_k = min(b["block_p"], _FP32_BLOCK_P), min(b["block_k"], _FP32_BLOCK_K)
+        b = dict(b, block_p=block_p, block_k=block_k, p_blocks=triton.cdiv(pixels, block_p))
     return b
 
 
