@@ -33,9 +33,12 @@ def fused_pointwise(
     product reads anyway, and the residual is added in the product's store.
 
     Args:
-        x: [B, C_in, H, W] float.
-        weight: [C_out, C_in] float on x's device; the product runs in its dtype: x (normalised
-            when a norm is given) is rounded to it, as autocast rounds a convolution's input.
+        x: [B, C_in, H, W] float; read in place when each image's [C_in, H, W] block is
+            contiguous (a channel chunk of a wider tensor), else copied.
+        weight: [C_out, C_in], or [B, C_out, C_in] for a weight per image (a projection folded
+            with a per-image map, as the attention's ``project_out @ attn``), float on x's device;
+            the product runs in its dtype: x (normalised when a norm is given) is rounded to it,
+            as autocast rounds a convolution's input.
         bias: [C_out] float or None, added in float32 before the product is rounded.
         norm_weight, norm_bias: [C_in] float (both or neither): LayerNorm over x's channels
             first, ``(x - mean) / sqrt(var + eps) * norm_weight + norm_bias`` in float32,
@@ -58,14 +61,21 @@ def fused_pointwise(
     """
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     batch, c_in, height, width = x.shape
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, device=x.device)
     if c_in == 0:
         raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
-    if weight.shape[1] != c_in or weight.shape[0] == 0:
+    per_image = weight.dim() == 3 and weight.shape[0] == batch
+    if (
+        weight.dim() not in (2, 3)
+        or weight.shape[-1] != c_in
+        or weight.shape[-2] == 0
+        or (weight.dim() == 3 and not per_image)
+    ):
         raise ValueError(
-            f"weight must be [C_out >= 1, C_in = {c_in}] (x's channels), got {tuple(weight.shape)}"
+            f"weight must be [C_out >= 1, C_in = {c_in}] (x's channels) or [B = {batch}, C_out, C_in] "
+            f"(one per image), got {tuple(weight.shape)}"
         )
-    c_out = weight.shape[0]
+    c_out = weight.shape[-2]
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
         check_shape("bias", bias, (c_out,))

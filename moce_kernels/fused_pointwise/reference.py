@@ -39,7 +39,8 @@ def fused_pointwise_reference(
     operand = x.to(weight.dtype).to(acc)
     # A matmul rather than F.conv2d: cuDNN may run float32 convolutions on TF32.
     b, c_in, h, w = operand.shape
-    y = torch.matmul(weight.to(acc), operand.reshape(b, c_in, h * w)).view(b, -1, h, w)
+    # A [C_out, C_in] weight broadcasts over the images; a [B, C_out, C_in] one is per image.
+    y = torch.matmul(weight.to(acc), operand.reshape(b, c_in, h * w)).view(b, weight.shape[-2], h, w)
     if bias is not None:
         y = y + bias.to(acc)[:, None, None]
     y = y.to(weight.dtype)

@@ -52,8 +52,8 @@ _empty = _triton_common.empty
 
 @triton.jit
 def fused_pointwise_kernel(
-    x_ptr,  # [B, C_IN, P]
-    w_ptr,  # [C_OUT, C_IN]: the product's dtype
+    x_ptr,  # [B, C_IN, P]: each image's block contiguous, x_batch_stride apart
+    w_ptr,  # [C_OUT, C_IN], or [B, C_OUT, C_IN] (w_batch_stride != 0): the product's dtype
     b_ptr,  # [C_OUT] (unused without HAS_BIAS)
     g_ptr,  # [C_IN] the norm's weight (unused without NORM)
     nb_ptr,  # [C_IN] the norm's bias (unused without NORM)
@@ -63,6 +63,8 @@ def fused_pointwise_kernel(
     C_OUT,
     P,
     m_blocks,
+    x_batch_stride,
+    w_batch_stride,
     eps,
     NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -87,7 +89,7 @@ def fused_pointwise_kernel(
     ks = tl.arange(0, BLOCK_K)
     m_ok = ms < C_OUT
     p_ok = ps < P
-    x_img = x_ptr + image * C_IN * P
+    x_img = x_ptr + image * x_batch_stride
     if NORM:
         shift = tl.load(x_img + ps, mask=p_ok, other=0.0).to(ACC)
         count = tl.zeros([BLOCK_P], dtype=ACC)
@@ -107,7 +109,7 @@ def fused_pointwise_kernel(
             count = total
         rstd = 1.0 / tl.sqrt(m2 / C_IN + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC)
-    w_rows = w_ptr + ms * C_IN
+    w_rows = w_ptr + image * w_batch_stride + ms * C_IN
     for k0 in range(0, C_IN, BLOCK_K):
         k_ok = (k0 + ks) < C_IN
         ok = k_ok[:, None] & p_ok[None, :]
@@ -144,6 +146,14 @@ def _blocks(c_out: int, c_in: int, pixels: int, dtype: torch.dtype) -> dict[str,
     return b
 
 
+def _image_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each image's [C, H, W] block is contiguous (a channel chunk of a wider
+    tensor, such as attention's v inside the qkv tensor: read in place), else a contiguous copy."""
+    if x.is_contiguous() or (x.shape[0] > 0 and x[0].is_contiguous() and x.stride(0) >= x[0].numel()):
+        return x
+    return x.contiguous()
+
+
 def fused_pointwise_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -154,9 +164,9 @@ def fused_pointwise_fwd(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """y [B, C_out, H, W] (see ``moce_kernels.fused_pointwise``)."""
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight = _image_blocks(x), weight.contiguous()
     batch, c_in, height, width = x.shape
-    c_out = weight.shape[0]
+    c_out = weight.shape[-2]
     y = _empty((batch, c_out, height, width), output_dtype(weight, residual), x.device)
     if y.numel() == 0:
         return y
@@ -171,7 +181,8 @@ def fused_pointwise_fwd(
         fused_pointwise_kernel[(batch * b["p_blocks"] * b["m_blocks"],)](
             x, weight, x if bias is None else bias, x if not norm else norm_weight,
             x if not norm else norm_bias, x if residual is None else residual, y,
-            c_in, c_out, pixels, b["m_blocks"], float(eps),
+            c_in, c_out, pixels, b["m_blocks"], x.stride(0), c_out * c_in if weight.dim() == 3 else 0,
+            float(eps),
             NORM=norm, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, **_pw._dot_flags(dtype),
             BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
             ACC=_acc_dtype(x, weight)[1], num_warps=_pw._num_warps(dtype),
@@ -192,19 +203,23 @@ def fused_pointwise_bwd(
     grad_y itself (the autograd formula passes it on)."""
     x, weight = x.contiguous(), weight.contiguous()
     batch, c_in, height, width = x.shape
-    c_out = weight.shape[0]
+    c_out = weight.shape[-2]
     norm = norm_weight is not None
     # The gradient reaching the product: the rounding to its dtype is a cast in the unfused graph.
     grad_p = grad_y.to(weight.dtype).contiguous()
+    # grouped_pointwise's kernels over groups of images: one group for a shared weight, one per
+    # image for per-image weights.
+    weights = weight if weight.dim() == 3 else weight.view(1, c_out, c_in)
+    groups = weights.shape[0]
     with _device_guard(x):
         if norm:
             normed, mean, rstd = _ln.layernorm2d_fwd(x, norm_weight, norm_bias, eps)
             operand = normed.to(weight.dtype)
         else:
             operand = x.to(weight.dtype)
-        weights = weight.view(1, c_out, c_in)
-        offsets = torch.arange(2, device=x.device) * batch  # one group: rows 0..B
-        meta = _triton_common.expert_metadata((c_in,), (c_out,), x.device) if x.numel() else None
+        offsets = torch.arange(groups + 1, device=x.device) * (batch if groups == 1 else 1)
+        widths = ((c_in,) * groups, (c_out,) * groups)
+        meta = _triton_common.expert_metadata(*widths, x.device) if x.numel() else None
         grad_operand = _empty(operand.shape, weight.dtype, x.device)
         if grad_operand.numel():
             _pw.launch_rows(grad_p, weights, None, offsets, meta, grad_operand, transpose=True)
@@ -216,25 +231,27 @@ def fused_pointwise_bwd(
         else:
             grad_x = grad_operand.to(x.dtype)
             grad_norm_weight, grad_norm_bias = x.new_empty(0), x.new_empty(0)
-    return grad_x, grad_weight.view(c_out, c_in), grad_bias.view(c_out), grad_norm_weight, grad_norm_bias
+    # A bias shared by every image: the per-image sums added in a fixed order.
+    grad_bias = grad_bias.view(c_out) if groups == 1 else grad_bias.sum(0)
+    return grad_x, grad_weight.view(weight.shape), grad_bias, grad_norm_weight, grad_norm_bias
 
 
 # --- torch.library registration ----------------------------------------------------------------
 
 
 def _fused_pointwise_fwd_fake(x, weight, bias, norm_weight, norm_bias, eps, residual):
-    shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    shape = (x.shape[0], weight.shape[-2], x.shape[2], x.shape[3])
     return x.new_empty(shape, dtype=output_dtype(weight, residual))
 
 
 def _fused_pointwise_bwd_fake(grad_y, x, weight, norm_weight, norm_bias, eps):
-    c_out, c_in = weight.shape
+    c_out = weight.shape[-2]
     norm_grads = (
         (norm_weight.new_empty(norm_weight.shape), norm_weight.new_empty(norm_weight.shape))
         if norm_weight is not None
         else (x.new_empty(0), x.new_empty(0))
     )
-    return x.new_empty(x.shape), weight.new_empty((c_out, c_in)), weight.new_empty((c_out,)), *norm_grads
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((c_out,)), *norm_grads
 
 
 _library.define_triton(
@@ -258,9 +275,10 @@ def fused_pointwise_triton(
 ) -> torch.Tensor:
     """The LayerNorm, 1x1 convolution and residual add in one Triton kernel (GPU, or the
     interpreter). Arguments as ``moce_kernels.fused_pointwise`` (which validates them first);
-    non-contiguous inputs are copied to contiguous first. Differentiable in every tensor."""
+    x is read in place when each image's block is contiguous, other non-contiguous inputs are
+    copied to contiguous first. Differentiable in every tensor."""
     return torch.ops.moce_triton.fused_pointwise_fwd(
-        x.contiguous(),
+        _image_blocks(x),
         weight.contiguous(),
         *(None if t is None else t.contiguous() for t in (bias, norm_weight, norm_bias)),
         float(eps),

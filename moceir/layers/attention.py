@@ -9,7 +9,7 @@ from torch import nn
 from moce_kernels._backend import op_backend, resolve_backend
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.qk_gram import qk_gram
-from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
+from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d, apply_attention
 from moceir.layers.norm import LayerNorm2d
 
 
@@ -24,7 +24,21 @@ def channel_attention(
 ):
     """softmax(normalize(q) @ normalize(k)^T * temperature) @ v over (C/heads x C/heads) maps.
 
-    q, k, v: [B, C, H, W]; temperature: [heads, 1, 1]. Returns [B, C, H, W].
+    q, k, v: [B, C, H, W]; temperature: [heads, 1, 1]. Returns [B, C, H, W]. The map is
+    :func:`channel_attention_map`'s (``fold_norms`` and ``backend`` are explained there).
+    """
+    return apply_attention(v, channel_attention_map(q, k, heads, temperature, fold_norms, backend))
+
+
+def channel_attention_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    temperature: torch.Tensor,
+    fold_norms: bool = False,
+    backend: str = "reference",
+) -> torch.Tensor:
+    """softmax(normalize(q) @ normalize(k)^T * temperature): [B, heads, C/heads, C/heads].
 
     ``fold_norms``: the same function with the L2 normalisation moved onto the small map,
     ``(q @ k^T) / (|q| |k|^T)``, instead of normalising q and k (two passes writing [B, C, H*W]
@@ -32,20 +46,18 @@ def channel_attention(
     the CPU, equal to float64 rounding. Only where the unnormalised product cannot overflow:
     float16 keeps the official form (see :func:`can_fold_norms`). With ``backend`` (the model's)
     giving ``moce_kernels.qk_gram`` a kernel (Triton: "auto" on a GPU, "triton"), the product
-    and both norms come from one pass over q and k, summed in float32.
+    and both norms come from one pass over q and k, summed in float32, and the map comes in
+    float32 (the caller casts it to v's dtype for ``attn @ v``, as the matmul form computes it).
     """
     b, c, h, w = q.shape
-    q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))
+    q, k = (t.reshape(b, heads, c // heads, h * w) for t in (q, k))
     gram_backend = _gram_backend(backend, q, k) if fold_norms else "reference"
     if gram_backend != "reference":
         gram, q_sq, k_sq = qk_gram(q, k, backend=gram_backend)
         # max(|x|, eps) as F.normalize divides by (eps 1e-12).
         q_norm = q_sq.sqrt().clamp_min(1e-12).unsqueeze(-1)
         k_norm = k_sq.sqrt().clamp_min(1e-12).unsqueeze(-2)
-        # The map comes in float32: back to v's dtype for attn @ v (a bf16 model computes it in
-        # bf16, as the matmul form does; autocast would cast the same way).
-        attn = (gram / (q_norm * k_norm) * temperature).softmax(dim=-1).to(v.dtype)
-        return (attn @ v).reshape(b, c, h, w)
+        return (gram / (q_norm * k_norm) * temperature).softmax(dim=-1)
     if fold_norms:
         # max(|x|, eps) as F.normalize divides by (eps 1e-12).
         q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -56,8 +68,7 @@ def channel_attention(
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1)) * temperature
-    attn = attn.softmax(dim=-1)
-    return (attn @ v).reshape(b, c, h, w)
+    return attn.softmax(dim=-1)
 
 
 def _gram_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
@@ -105,8 +116,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv_dwconv(self.qkv.fused(x, norm)).chunk(3, dim=1)
         backend = self.qkv_dwconv.backend
         fold = can_fold_norms(backend, q)
-        out = channel_attention(q, k, v, self.heads, self.temperature, fold, backend)
-        return self.project_out.fused(out, residual=residual)
+        attn = channel_attention_map(q, k, self.heads, self.temperature, fold, backend)
+        return self.project_out.attend(v, attn, residual)
 
 
 class CrossAttention(nn.Module):
@@ -129,8 +140,8 @@ class CrossAttention(nn.Module):
         k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
         backend = self.q_dwconv.backend
         fold = can_fold_norms(backend, q)
-        out = channel_attention(q, k, v, self.heads, self.temperature, fold, backend)
-        return self.project_out.fused(out, residual=residual)
+        attn = channel_attention_map(q, k, self.heads, self.temperature, fold, backend)
+        return self.project_out.attend(v, attn, residual)
 
 
 class FeedForward(nn.Module):

@@ -35,6 +35,11 @@ class _AutocastOperands:
         return x, weight, bias
 
 
+#: :meth:`PointwiseConv2d.attend` folds the attention map into the projection for images of at
+#: least this many pixels per channel.
+FOLD_MIN_PIXELS_PER_CHANNEL = 8
+
+
 def _one_group(x: torch.Tensor) -> torch.Tensor:
     """Offsets [0, N]: every row in one group, made on the device (no host-to-device copy, so
     CUDA graphs can capture it)."""
@@ -200,32 +205,73 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
         backend = self._fusion_choice(x, norm, residual)
         if backend is not None:
             return self._fused_kernel(x, norm, residual, backend)
-        y = self(x if norm is None else norm(x))
-        return y if residual is None else y + residual
+        return self._unfused(x, norm, residual)
 
     def fuses_norm(self, x: torch.Tensor, norm: LayerNorm2d) -> bool:
         """Whether ``self.fused(x, norm)`` runs fused (for callers that would otherwise share one
         ``norm(x)`` between several convolutions)."""
         return self._fusion_choice(x, norm, None) is not None
 
-    def _fusion_choice(
+    def attend(
+        self, v: torch.Tensor, attn: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``self(attn @ v) + residual``: channel attention's output projection (``attn``
+        [B, heads, C/heads, C/heads], v [B, C, H, W], C = in_channels).
+
+        Where :meth:`fused` would fuse, ``attn @ v`` never goes to memory: the projection is
+        folded with each image's map, ``W_b = W @ blockdiag(attn_b)`` ([C_out, C] per image, in
+        the product's dtype), and ``fused_pointwise`` runs ``W_b @ v + bias +
+        residual`` reading v in place (a chunk of the qkv tensor). The same function; it rounds
+        W_b where the unfused layers round ``attn @ v``. Only for images of at least
+        ``FOLD_MIN_PIXELS_PER_CHANNEL`` pixels per channel (else unfused).
+        """
+        b, c = v.shape[:2]
+        ok = attn.dim() == 4 and attn.shape[0] == b and attn.shape[1] * attn.shape[2] == c
+        # The folded weights cost ~C_out * C per image: they pay where the image has many more
+        # pixels than channels (the byte counter: at 8 x 8 pixels and 384 channels they moved
+        # more than attn @ v's output).
+        ok = ok and v.dim() == 4 and v.shape[2] * v.shape[3] >= FOLD_MIN_PIXELS_PER_CHANNEL * c
+        backend = self._fusion_choice(v, None, residual, attn=attn) if ok else None
+        if backend is not None:
+            return self._attend_kernel(v, attn, residual, backend)
+        return self._unfused(apply_attention(v, attn), None, residual)
+
+    def _unfused(
         self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        y = self(x if norm is None else norm(x))
+        return y if residual is None else y + residual
+
+    def _fusion_choice(
+        self,
+        x: torch.Tensor,
+        norm: LayerNorm2d | None,
+        residual: torch.Tensor | None,
+        attn: torch.Tensor | None = None,
     ) -> str | None:
-        """The backend that runs :meth:`fused`'s call fused, or None for the unfused layers."""
+        """The backend that runs the call fused, or None for the unfused layers: :meth:`fused`'s
+        (``attn`` None) or :meth:`attend`'s."""
         backend = self._fusion_backend(x, norm, residual)
-        if backend is None or (norm is None and residual is None):
+        if backend is None or (norm is None and residual is None and attn is None):
             return None
         if self.backend != "auto":
             return backend
         if not (x.is_cuda and tuning.in_use(x)):
             return None
-
-        def unfused() -> torch.Tensor:
-            y = self(x if norm is None else norm(x))
-            return y if residual is None else y + residual
-
-        kind = "pointwise-norm" if norm is not None else "pointwise-residual"
-        candidates = {"unfused": unfused, "fused": lambda: self._fused_kernel(x, norm, residual, backend)}
+        if attn is not None:
+            kind = "pointwise-attention"
+            candidates = {
+                "unfused": lambda: self._unfused(apply_attention(x, attn), None, residual),
+                "fused": lambda: self._attend_kernel(x, attn, residual, backend),
+            }
+        else:
+            kind = "pointwise-norm" if norm is not None else "pointwise-residual"
+            candidates = {
+                "unfused": lambda: self._unfused(x, norm, residual),
+                "fused": lambda: self._fused_kernel(x, norm, residual, backend),
+            }
+        if residual is not None and attn is not None:
+            kind += "-residual"
         chosen = tuning.choose(_tuning_key(kind, x, self), candidates, "unfused", x)
         return backend if chosen == "fused" else None
 
@@ -236,7 +282,9 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
         the reference, and inputs the unfused layers treat otherwise (their own errors, a
         residual that broadcasts, a dtype nn.Conv2d refuses)."""
         backend = op_backend("fused_pointwise", self.backend)
-        if not self.fuse_neighbours or backend == "reference" or x.dim() != 4 or x.shape[1] != self.in_channels:
+        if not self.fuse_neighbours or backend == "reference":
+            return None
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
             return None
         autocast = torch.is_autocast_enabled(x.device.type)
         if not x.is_floating_point() or (not autocast and x.dtype != self.weight.dtype):
@@ -250,15 +298,20 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
             backend = resolve_backend("fused_pointwise", "auto", x.device)
         return None if backend == "reference" else backend
 
+    def _product_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) as the convolution computes with them: under autocast, in its dtype. x
+        stays as it is: fused_pointwise rounds its (normalised) values to the weight's dtype, as
+        autocast rounds the convolution's input."""
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        return weight, bias
+
     def _fused_kernel(
         self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None, backend: str
     ) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # Autocast's operands of the convolution; x stays as it is: the kernel rounds its
-            # (normalised) values to the weight's dtype, as autocast rounds the convolution's input.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        weight, bias = self._product_operands(x)
         norm_args = {}
         if norm is not None:
             norm_args = dict(norm_weight=norm.body.weight, norm_bias=norm.body.bias, eps=norm.eps)
@@ -271,3 +324,23 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
                 backend=backend,
                 **norm_args,
             )
+
+    def _attend_kernel(
+        self, v: torch.Tensor, attn: torch.Tensor, residual: torch.Tensor | None, backend: str
+    ) -> torch.Tensor:
+        weight, bias = self._product_operands(v)
+        batch, heads, d, _ = attn.shape
+        with torch.autocast(v.device.type, enabled=False):
+            # W_b[o, (h, e)] = sum_d W[o, (h, d)] attn_b[h, d, e], in the product's dtype (the map
+            # rounded to it as for attn @ v; matmuls accumulate in float32 and round once).
+            folded = torch.einsum(
+                "ohd,bhde->bohe", weight.view(self.out_channels, heads, d), attn.to(weight.dtype)
+            ).reshape(batch, self.out_channels, self.in_channels)
+            return fused_pointwise(v, folded, bias, residual=residual, backend=backend)
+
+
+def apply_attention(v: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """``attn @ v`` per head: [B, heads, d, d] maps on [B, heads * d, H, W] (in v's dtype)."""
+    b, c, h, w = v.shape
+    heads = attn.shape[1]
+    return (attn.to(v.dtype) @ v.reshape(b, heads, c // heads, h * w)).reshape(b, c, h, w)

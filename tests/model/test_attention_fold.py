@@ -64,14 +64,15 @@ def test_who_folds():
 
 @pytest.fixture
 def folds(monkeypatch):
+    """The fold_norms of every attention map the modules compute."""
     seen: list[bool] = []
-    real = attention.channel_attention
+    real = attention.channel_attention_map
 
     def recording(*args, **kwargs):
-        seen.append(args[5] if len(args) > 5 else kwargs.get("fold_norms", False))
+        seen.append(args[4] if len(args) > 4 else kwargs.get("fold_norms", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "channel_attention", recording)
+    monkeypatch.setattr(attention, "channel_attention_map", recording)
     return seen
 
 

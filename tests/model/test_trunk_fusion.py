@@ -24,10 +24,11 @@ SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_b
 def calls(monkeypatch):
     """Counts of the trunk's fused_pointwise calls (with a norm, with a residual) and of its
     unfused LayerNorm calls."""
-    counts = {"norm": 0, "residual": 0, "layernorm": 0}
+    counts = {"norm": 0, "residual": 0, "attention": 0, "layernorm": 0}
     fused, layernorm = conv.fused_pointwise, norm.layernorm2d
 
     def counting_fused(*args, **kwargs):
+        counts["attention"] += args[1].dim() == 3  # a per-image weight: W @ blockdiag(attn)
         counts["norm"] += kwargs.get("norm_weight") is not None
         counts["residual"] += kwargs.get("residual") is not None
         return fused(*args, **kwargs)
@@ -39,6 +40,13 @@ def calls(monkeypatch):
     monkeypatch.setattr(conv, "fused_pointwise", counting_fused)
     monkeypatch.setattr(norm, "layernorm2d", counting_layernorm)
     return counts
+
+
+@pytest.fixture
+def fold_always(monkeypatch):
+    """Attention maps folded into project_out at any image size (the small test images have
+    fewer pixels per channel than the default threshold)."""
+    monkeypatch.setattr(conv, "FOLD_MIN_PIXELS_PER_CHANNEL", 0)
 
 
 def perturbed_model() -> moceir.MoCEIR:
@@ -64,22 +72,24 @@ def forward_backward(model: moceir.MoCEIR, x: torch.Tensor):
 
 
 @needs_triton
-def test_triton_fuses_every_trunk_layernorm_and_skip(calls):
+def test_triton_fuses_every_trunk_layernorm_and_skip(calls, fold_always):
     model = perturbed_model().set_backend("triton")
     encoder_blocks, decoder_blocks = blocks(model)
     with torch.no_grad():
         model.eval()(torch.rand(1, 3, 16, 16))
-    # Encoder block: qkv and project_in normalise, both project_outs add the skip. Decoder block:
-    # its two projections and project_in normalise, cross-attention's and the FFN's project_out add.
+    # Encoder block: qkv and project_in normalise, both project_outs add the skip, attention's
+    # reads attn @ v through its folded weight. Decoder block: its two projections and project_in
+    # normalise, cross-attention's and the FFN's project_out add the skip, both attentions' fold.
     assert calls == {
         "norm": 2 * encoder_blocks + 3 * decoder_blocks,
         "residual": 2 * encoder_blocks + 2 * decoder_blocks,
+        "attention": encoder_blocks + 2 * decoder_blocks,
         "layernorm": 0,
     }
 
 
 @needs_triton
-def test_triton_matches_reference_with_gradients():
+def test_triton_matches_reference_with_gradients(fold_always):
     model = perturbed_model()
     x = torch.rand(2, 3, 16, 24)
     want, want_grads = forward_backward(model, x)
@@ -92,7 +102,7 @@ def test_triton_matches_reference_with_gradients():
 
 
 @needs_triton
-def test_triton_block_under_bf16_autocast():
+def test_triton_block_under_bf16_autocast(fold_always):
     """An encoder block on bf16 activations under autocast: the fused kernels make the unfused
     layers' roundings, a few bf16 ulps apart. (The whole model's bf16 parity runs on the GPU,
     tests/model/test_backends_gpu.py: Triton 3.8's interpreter truncates float32 -> bfloat16
@@ -131,7 +141,7 @@ def test_reference_backend_is_the_unfused_block_code(calls):
     want = y + block.ffn(block.norms[1](y))
     calls["layernorm"] = 0
     assert torch.equal(block(x), want)
-    assert calls == {"norm": 0, "residual": 0, "layernorm": 2}
+    assert calls == {"norm": 0, "residual": 0, "attention": 0, "layernorm": 2}
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "cuda"])
@@ -192,3 +202,50 @@ def test_set_trunk_fusion_off_runs_every_backend_unfused(calls):
     torch.testing.assert_close(unfused, fused, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         model.set_trunk_fusion("off")
+
+
+@needs_triton
+@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
+def test_attend_is_the_projection_of_attn_at_v_with_gradients(residual, calls, fold_always):
+    """project_out(attn @ v) + residual through the folded per-image weight (backend "triton")
+    against the unfused layers, forward and the gradients of v (a chunk of a qkv tensor, as in
+    the attention), the map, the projection's parameters and the residual."""
+    torch.manual_seed(0)
+    proj = conv.PointwiseConv2d(12, 10)
+    qkv = torch.randn(2, 36, 5, 7, requires_grad=True)
+    attn = torch.randn(2, 3, 4, 4).softmax(-1).requires_grad_(True)
+    skip = torch.randn(2, 10, 5, 7, requires_grad=True) if residual else None
+    leaves = [qkv, attn, proj.weight, proj.bias] + ([skip] if residual else [])
+    grad_y = torch.randn(2, 10, 5, 7)
+    results = []
+    for backend in ("reference", "triton"):
+        proj.backend = backend
+        y = proj.attend(qkv.chunk(3, dim=1)[2], attn, skip)
+        results.append((y, torch.autograd.grad(y, leaves, grad_y)))
+    (want, want_grads), (got, got_grads) = results
+    assert calls["attention"] == 1  # the triton call folded, the reference's did not
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, g, w in zip(("qkv", "attn", "weight", "bias", "residual"), got_grads, want_grads, strict=False):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_attend_unfused_is_the_projection_of_attn_at_v():
+    torch.manual_seed(0)
+    proj = conv.PointwiseConv2d(8, 6)
+    proj.backend = "reference"
+    v, attn, skip = torch.randn(2, 8, 3, 5), torch.randn(2, 2, 4, 4).softmax(-1), torch.randn(2, 6, 3, 5)
+    out = (attn @ v.reshape(2, 2, 4, 15)).reshape(2, 8, 3, 5)
+    assert torch.equal(proj.attend(v, attn, skip), proj(out) + skip)
+
+
+@needs_triton
+def test_attend_folds_only_images_with_many_pixels_per_channel(calls):
+    proj = conv.PointwiseConv2d(16, 16)
+    proj.backend = "triton"
+    attn = torch.randn(1, 2, 8, 8).softmax(-1)
+    threshold = conv.FOLD_MIN_PIXELS_PER_CHANNEL * 16
+    with torch.no_grad():
+        proj.attend(torch.randn(1, 16, 1, threshold - 1), attn)
+        assert calls["attention"] == 0
+        proj.attend(torch.randn(1, 16, 1, threshold), attn)
+    assert calls["attention"] == 1

@@ -58,13 +58,16 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
         want = ref(x)
         got = fast(x)
         kinds = {key[0] for key in tuning.choices()}
-        assert kinds == {"pointwise", "depthwise", "pointwise-norm", "pointwise-residual"}
+        fusions = {"pointwise-norm", "pointwise-residual", "pointwise-attention"}
+        fusions |= {"pointwise-attention-residual"}
+        assert kinds == {"pointwise", "depthwise", *fusions}
         assert set(tuning.choices().values()) <= {"cudnn", "kernel", "triton", "cublas", "fused", "unfused"}
         # Every 1x1 shape timed its three candidates, every depthwise one its two or three, every
-        # LayerNorm -> 1x1 and 1x1 -> skip the fused kernel against the unfused layers.
+        # LayerNorm -> 1x1, 1x1 -> skip and attention -> project_out the fused kernel against the
+        # unfused layers.
         for key, times in tuning.timings().items():
             assert all(ms > 0 for ms in times.values()), key
-            if key[0] in ("pointwise-norm", "pointwise-residual"):
+            if key[0] in fusions:
                 assert set(times) == {"fused", "unfused"}, key
                 continue
             assert set(times) >= {"cudnn", "kernel"}, key
@@ -80,7 +83,7 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_either_choice_computes_the_reference_with_gradients(forced, dtype, monkeypatch):
     # Where a layer has no such candidate (a 1x1 convolution has no "triton" one, a depthwise
-    # one no "cublas" one, only the trunk's LayerNorm -> 1x1 and 1x1 -> skip a "fused" one), its
+    # one no "cublas" one, only the trunk's fusions into its 1x1 convolutions a "fused" one), its
     # default.
     monkeypatch.setattr(
         tuning, "choose", lambda key, candidates, default, x: forced if forced in candidates else default

@@ -193,6 +193,41 @@ def test_non_contiguous_inputs():
     assert_close_rel(got, want, 2e-5, "y")
 
 
+def per_image_args(dtype, *, residual=True, batch=3, seed=0):
+    """(x, [B, C_out, C_in] weight, bias, None, None, residual): a weight per image."""
+    x, weight, bias, _, _, r = make_args(
+        (batch, 6, 5, 4, 3), dtype, dtype, dtype, norm=False, residual=residual
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    per_image = (torch.randn(batch, *weight.shape, generator=g) / 6**0.5).to(dtype=dtype, device=DEVICE)
+    return x, per_image, bias, None, None, r
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"]
+)
+def test_per_image_weights_match_reference(dtype, rtol):
+    assert_matches_reference(per_image_args(dtype), rtol)
+
+
+def test_per_image_weights_with_one_image_and_none(small_blocks):
+    assert_matches_reference(per_image_args(torch.float32, batch=1), 2e-5)
+    y, grads = forward_backward(fused_pointwise, per_image_args(torch.float32, batch=0))
+    assert y.shape == (0, 5, 4, 3) and grads[1].shape == (0, 5, 6)
+
+
+def test_a_channel_chunk_is_read_in_place():
+    """v inside attention's qkv tensor: each image's block is contiguous, the batch stride is
+    three blocks; the kernel reads it where it lies (no copy), with the same result."""
+    x, weight, bias, _, _, residual = make_args((2, 6, 5, 4, 3), *(torch.float32,) * 3, norm=False)
+    qkv = torch.randn(2, 18, 4, 3).to(DEVICE)
+    v = qkv.chunk(3, dim=1)[2]
+    assert not v.is_contiguous() and fp_triton._image_blocks(v) is v
+    assert fp_triton._image_blocks(x.mT) is not x.mT  # a transposed image block is copied
+    args = (v.requires_grad_(True), weight, bias, None, None, residual)
+    assert_matches_reference(args, 2e-5)
+
+
 # --- buffers, determinism -------------------------------------------------------------------------
 
 
@@ -223,9 +258,14 @@ def test_backward_is_deterministic(small_blocks):
 # --- the ops: gradcheck, opcheck, torch.compile -------------------------------------------------
 
 
-@pytest.mark.parametrize(("norm", "bias", "residual"), PARTS[:3])
-def test_gradcheck(norm, bias, residual):
+@pytest.mark.parametrize(
+    ("norm", "bias", "residual", "per_image"),
+    [(*p.values, False) for p in PARTS[:3]] + [(True, True, True, True)],
+)
+def test_gradcheck(norm, bias, residual, per_image):
     args = make_args((2, 3, 2, 2, 3), *(torch.float64,) * 3, norm=norm, bias=bias, residual=residual)
+    if per_image:
+        args = (args[0], torch.stack([args[1], 0.5 * args[1].flip(0)]), *args[2:])
     args = [None if t is None else t.double().requires_grad_(True) for t in args]
     present = [i for i, t in enumerate(args) if t is not None]
 
@@ -313,7 +353,8 @@ zeros = torch.zeros
         pytest.param(dict(x=zeros(2, 3, 2, 2, dtype=torch.int32)), TypeError, "x must have dtype", id="int"),
         pytest.param(dict(x=zeros(2, 0, 2, 2)), ValueError, "at least one channel", id="x-no-channels"),
         pytest.param(dict(weight=zeros(4, 5)), ValueError, "weight must be", id="weight-width"),
-        pytest.param(dict(weight=zeros(4, 3, 1, 1)), ValueError, "weight must have 2", id="weight-4d"),
+        pytest.param(dict(weight=zeros(4, 3, 1, 1)), ValueError, "weight must be", id="weight-4d"),
+        pytest.param(dict(weight=zeros(3, 4, 3)), ValueError, r"\[B = 2, C_out, C_in\]", id="weight-batch"),
         pytest.param(dict(bias=zeros(5)), ValueError, "bias must have shape", id="bias-shape"),
         pytest.param(dict(norm_bias=None), ValueError, "together", id="norm-half"),
         pytest.param(dict(norm_weight=zeros(4)), ValueError, "norm_weight must have sh", id="norm-shape"),
@@ -364,7 +405,8 @@ AOT_BODY = """
         x, w = "*" + TL[x_dtype], "*" + TL[w_dtype]
         out = "*fp32" if residual and x_dtype == torch.float32 else w
         sig = dict(x_ptr=x, w_ptr=w, b_ptr=w, g_ptr="*fp32", nb_ptr="*fp32", r_ptr=out if residual else x,
-                   y_ptr=out, C_IN="i32", C_OUT="i32", P="i32", m_blocks="i32", eps="fp32")
+                   y_ptr=out, C_IN="i32", C_OUT="i32", P="i32", m_blocks="i32", x_batch_stride="i32",
+                   w_batch_stride="i32", eps="fp32")
         consts = dict(NORM=norm, HAS_BIAS=True, RESIDUAL=residual, **pw._dot_flags(dtype),
                       BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32)
