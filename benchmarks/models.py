@@ -300,7 +300,8 @@ def count_flops(fn: Callable[[], object]) -> float:
 #: Functions the model calls outside modules, timed as their own categories where they exist
 #: (module, attribute, category). Missing ones (the model's internals move) are skipped.
 _FUNCTIONS = (
-    ("moceir.layers.attention", "channel_attention", "channel attention (normalise, qk^T, softmax, av)"),
+    ("moceir.layers.attention", "channel_attention_map", "channel attention (normalise, qk^T, softmax)"),
+    ("moceir.layers.conv", "apply_attention", "channel attention: attn @ v (unfused)"),
     ("moceir.layers.adapter", "route", "route"),
     ("moceir.layers.adapter", "dispatch", "dispatch"),
     ("moceir.layers.adapter", "combine", "combine"),

@@ -22,8 +22,8 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The LayerNorms and skips go to the branches' 1x1 convolutions, which fuse them where the
-        # backend allows (PointwiseConv2d.fused); unfused this is the code above, addition order
-        # aside (the same bits).
+        # backend allows (PointwiseConv2d.fused); unfused this is the docstring's x + branch(LN(x)),
+        # bit for bit (only the order of the addition's operands differs).
         x = self.mixer(x, norm=self.norms[0], residual=x)
         return self.ffn(x, norm=self.norms[1], residual=x)
 

@@ -177,14 +177,14 @@ def test_inputs_the_unfused_layers_treat_otherwise_stay_unfused(calls):
 
 
 @needs_triton
-def test_fused_block_compiles_to_one_graph(calls):
+def test_fused_block_compiles_to_one_graph(calls, fold_always):
     model = perturbed_model().set_backend("triton")
     block = next(m for m in model.modules() if isinstance(m, EncoderBlock)).eval()
     x = torch.randn(1, block.norms[0].body.weight.shape[0], 6, 5)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
-    assert calls["norm"] > 0 and calls["residual"] > 0
+    assert calls["norm"] > 0 and calls["residual"] > 0 and calls["attention"] > 0
 
 
 @needs_triton
