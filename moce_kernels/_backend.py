@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -129,6 +130,23 @@ def _load_implementation(op: str, backend: str) -> Callable:
     if (op, kind) not in _IMPLEMENTATIONS:
         _IMPLEMENTATIONS[(op, kind)] = getattr(_module(op, kind), f"{op}_{kind}")
     return _IMPLEMENTATIONS[(op, kind)]
+
+
+def ops() -> list[str]:
+    """Every op of the package (its folders that define one)."""
+    root = Path(__file__).resolve().parent
+    return sorted(d.name for d in root.iterdir() if (d / "reference.py").is_file())
+
+
+def preload(backend: str, device: torch.device) -> None:
+    """Load every op's implementation that ``backend`` may run on ``device`` now, outside any
+    torch.compile trace: a trace cannot import a module (Dynamo skips importlib), so a model
+    compiled before its first eager call would otherwise break its graph at each first use."""
+    for op in ops():
+        try:
+            resolve_backend(op, op_backend(op, backend), device)
+        except RuntimeError:
+            continue  # not usable here: the op's call raises its own error
 
 
 def check_available(backend: str) -> None:

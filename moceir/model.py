@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moce_kernels._backend import check_available
+from moce_kernels._backend import check_available, preload
 from moce_kernels._checks import FLOAT_DTYPES, check_finite, check_tensor
 from moceir.config import CONFIG_FIELDS, CONFIGS, MoCEIRConfig
 from moceir.layers.adapter import EXPERT_PATHS, MoCELayer
@@ -125,6 +125,9 @@ class MoCEIR(nn.Module):
         for m in self.modules():
             if hasattr(m, "backend"):
                 m.backend = backend
+        # Loaded now, so that torch.compile of the model never has to import one mid-trace.
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            preload(backend, torch.device(device))
         return self
 
     def set_expert_path(self, path: str) -> MoCEIR:

@@ -7,6 +7,11 @@ run the unfused layers bit for bit. Benchmark mode's choice between the two is G
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -249,3 +254,25 @@ def test_attend_folds_only_images_with_many_pixels_per_channel(calls):
         assert calls["attention"] == 0
         proj.attend(torch.randn(1, 16, 1, threshold), attn)
     assert calls["attention"] == 1
+
+
+@needs_triton
+def test_a_fresh_model_compiles_before_any_eager_call():
+    """set_backend loads every op's implementation, so that Dynamo never meets an import: a
+    block compiled with fullgraph=True as the process's first call traces (in a fresh process,
+    where nothing else loaded them)."""
+    script = (
+        "import torch, moceir\n"
+        "from moceir.layers.blocks import EncoderBlock\n"
+        "m = moceir.build_model('moce_ir_s', backend='triton')\n"
+        "block = next(x for x in m.modules() if isinstance(x, EncoderBlock)).eval()\n"
+        "x = torch.randn(1, block.norms[0].body.weight.shape[0], 6, 5)\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(block, backend='aot_eager', fullgraph=True)(x)\n"
+        "    assert torch.allclose(y, block(x), atol=1e-5), 'compiled block differs'\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
