@@ -9,12 +9,15 @@ again normalising each chunk in registers before its ``tl.dot``. x comes from DR
 second sweep, and the other output-channel tiles of the same pixels (neighbouring programs),
 find it in L2. The epilogue adds the bias, rounds the product to weight's dtype and adds the
 residual. Each of those roundings is the unfused layers' (see ``reference.py``), so the result
-differs from theirs by the order of float32 sums only.
+differs from theirs by the order of float32 sums only. A per-image weight ([B, C_out, C_in])
+only moves the program's weight pointer to its image's; x's images may lie any distance apart
+(``x_batch_stride``: a channel chunk of a wider tensor is read in place).
 
 Backward (rarely the hot path: the forward is what inference runs): the normalised x is
 recomputed with ``layernorm2d``'s kernel (x is kept for it anyway, it is the block's residual
 stream, where the unfused layers keep a second tensor), then ``grouped_pointwise``'s kernels give
-the operand's, weight's and bias's gradients (one group), and ``layernorm2d``'s backward the
+the operand's, weight's and bias's gradients (one group, or one per image for per-image
+weights), and ``layernorm2d``'s backward the
 input's and the norm's. Deterministic: none of them uses atomics.
 
 ``custom_op`` rather than ``triton_op``: see ``moce_kernels/layernorm2d/triton.py``.

@@ -225,12 +225,12 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
         W_b where the unfused layers round ``attn @ v``. Only for images of at least
         ``FOLD_MIN_PIXELS_PER_CHANNEL`` pixels per channel (else unfused).
         """
-        b, c = v.shape[:2]
-        ok = attn.dim() == 4 and attn.shape[0] == b and attn.shape[1] * attn.shape[2] == c
+        ok = v.dim() == 4 and attn.dim() == 4 and attn.shape[0] == v.shape[0]
+        ok = ok and attn.shape[1] * attn.shape[2] == v.shape[1]
         # The folded weights cost ~C_out * C per image: they pay where the image has many more
         # pixels than channels (the byte counter: at 8 x 8 pixels and 384 channels they moved
         # more than attn @ v's output).
-        ok = ok and v.dim() == 4 and v.shape[2] * v.shape[3] >= FOLD_MIN_PIXELS_PER_CHANNEL * c
+        ok = ok and v.shape[2] * v.shape[3] >= FOLD_MIN_PIXELS_PER_CHANNEL * v.shape[1]
         backend = self._fusion_choice(v, None, residual, attn=attn) if ok else None
         if backend is not None:
             return self._attend_kernel(v, attn, residual, backend)
@@ -265,12 +265,12 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
                 "fused": lambda: self._attend_kernel(x, attn, residual, backend),
             }
         else:
-            kind = "pointwise-norm" if norm is not None else "pointwise-residual"
+            kind = "pointwise-norm" if norm is not None else "pointwise"
             candidates = {
                 "unfused": lambda: self._unfused(x, norm, residual),
                 "fused": lambda: self._fused_kernel(x, norm, residual, backend),
             }
-        if residual is not None and attn is not None:
+        if residual is not None:
             kind += "-residual"
         chosen = tuning.choose(_tuning_key(kind, x, self), candidates, "unfused", x)
         return backend if chosen == "fused" else None
