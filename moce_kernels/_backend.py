@@ -28,13 +28,29 @@ _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
 
 
 @functools.cache
-def triton_usable() -> tuple[bool, str]:
-    """Whether Triton kernels can run here: a CUDA GPU, or the interpreter (TRITON_INTERPRET=1)."""
+def triton_usable(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether Triton kernels can run here, and if not, why: on CUDA tensors they need a CUDA GPU,
+    on any other device the interpreter (TRITON_INTERPRET=1, set before triton is imported). With
+    no ``device``: whether they can run here at all."""
     if importlib.util.find_spec("triton") is None:
         return False, "Triton is not installed (pip install triton)"
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing triton, for testing)"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    kind = None if device is None else torch.device(device).type
+    if kind is None:
+        if torch.cuda.is_available() or interpreted:
+            return True, ""
+        return False, "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing triton, for testing)"
+    if interpreted:
+        return True, ""  # the interpreter runs any tensor (CUDA ones through host copies)
+    if kind == "cuda":
+        return (True, "") if torch.cuda.is_available() else (False, "Triton needs a CUDA GPU")
+    # On a GPU machine too: compiled Triton kernels cannot read host memory (the launch would
+    # fail deep inside Triton with a pointer error).
+    return False, (
+        f"Triton's compiled kernels take CUDA tensors, got {kind} tensors (move them to the GPU, "
+        "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, slowly, "
+        "for testing)"
+    )
 
 
 @functools.cache
@@ -96,7 +112,7 @@ def _resolve(op: str, backend: str, device: torch.device) -> str:
     if backend == "auto":
         if _compiled_usable(op, device.type):
             return device.type
-        if device.type == "cuda" and "triton" in have and triton_usable()[0]:
+        if device.type == "cuda" and "triton" in have and triton_usable(device)[0]:
             return "triton"
         return "reference"
     if backend == "reference":
@@ -106,7 +122,7 @@ def _resolve(op: str, backend: str, device: torch.device) -> str:
             f"{op}: backend {backend!r} is not implemented yet; available: {sorted(have | {'reference'})}"
         )
     if backend == "triton":
-        ok, why = triton_usable()
+        ok, why = triton_usable(device)
         if not ok:
             raise RuntimeError(f"{op}: backend 'triton' cannot run here: {why}")
         return backend

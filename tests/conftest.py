@@ -25,6 +25,14 @@ settings.register_profile("thorough", max_examples=500, deadline=None, print_blo
 settings.load_profile("ci")
 
 from moce_kernels import RoutingPlan, route  # noqa: E402
+from moce_kernels._backend import triton_usable  # noqa: E402
+
+#: Marks a test that runs the Triton kernels on CPU tensors: it needs the interpreter, set above
+#: where there is no GPU. On a GPU machine it skips (compiled kernels take CUDA tensors only);
+#: the GPU side of each such test is in the *_gpu.py files and the op tests' TRITON_DEVICE.
+needs_triton_on_cpu = pytest.mark.skipif(
+    not triton_usable("cpu")[0], reason=f"Triton on CPU tensors: {triton_usable('cpu')[1]}"
+)
 
 #: Routing patterns ``make_routing`` can force.
 #: - "random": Gaussian logits, every image picks its own experts.

@@ -14,6 +14,7 @@ from torch import nn
 from benchmarks import common, models, ops
 from moce_kernels import _backend
 from moceir.layers.norm import LayerNorm2d
+from tests.conftest import needs_triton_on_cpu
 
 
 def resolves(op: str, backend: str, device: torch.device) -> bool:
@@ -103,6 +104,7 @@ def test_bytes_moved_are_the_kernels_inputs_and_outputs():
     assert ln.bytes_moved["forward"] == 2 * x.numel() * 2 + 2 * w.numel() * 2
 
 
+@needs_triton_on_cpu
 def test_grouped_pointwise_setup_runs_and_counts_active_channels(monkeypatch):
     """grouped_pointwise's setup, which the OPS-driven tests above skip until benchmarks.common.OPS
     lists the op: every mode at toy sizes, its bytes, and the Triton provider's forward and

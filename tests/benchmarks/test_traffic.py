@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
 from benchmarks import traffic
-from moce_kernels._backend import is_available
+from tests.conftest import needs_triton_on_cpu
 
 
 def test_reference_traffic_is_counted_and_printed(capsys):
@@ -20,10 +19,7 @@ def test_reference_traffic_is_counted_and_printed(capsys):
     assert len(re.findall(r"MiB  \w+::\w+", out)) == 2
 
 
-@pytest.mark.skipif(
-    not (is_available("triton") and os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs Triton's interpreter (CPU tensors)",
-)
+@needs_triton_on_cpu
 def test_trunk_fusion_moves_fewer_bytes_in_fewer_calls():
     args = ("triton", "float32", 1, 8, "sync_free")
     fused = traffic.traffic(*args, fused_trunk=True, device="cpu")

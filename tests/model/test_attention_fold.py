@@ -108,7 +108,7 @@ def test_modules_fold_from_their_convolution_backend(folds):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_folded_attention_on_the_gram_kernel_is_the_official_function(dtype):
     """backend "triton" (the interpreter here): q k^T and the norms from moce_kernels.qk_gram."""
-    usable, why = triton_usable()
+    usable, why = triton_usable("cpu")
     if not usable:
         pytest.skip(why)
     args = _inputs(dtype, c=40, h=9, w=31, heads=2)  # 20 rows per head, 279 pixels: masked tiles
@@ -136,7 +136,7 @@ def test_who_uses_the_gram_kernel(monkeypatch):
         calls.clear()
         module(x)
         assert calls == [], backend
-    if triton_usable()[0]:
+    if triton_usable("cpu")[0]:
         for m in module.modules():
             if hasattr(m, "backend"):
                 m.backend = "triton"
@@ -147,7 +147,7 @@ def test_who_uses_the_gram_kernel(monkeypatch):
 
 def test_gram_kernel_path_in_a_bf16_model_returns_bf16():
     """A model cast to bf16 (no autocast): the float32 map goes back to v's dtype for attn @ v."""
-    usable, why = triton_usable()
+    usable, why = triton_usable("cpu")
     if not usable:
         pytest.skip(why)
     q, k, v, heads, t = _inputs(torch.float32, c=8, h=5, w=7, heads=2)

@@ -7,14 +7,15 @@ import torch
 
 import moceir
 from moce_kernels._backend import is_available
+from tests.conftest import needs_triton_on_cpu
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
 
 
 BACKENDS = [
     pytest.param(b, marks=pytest.mark.skipif(not is_available(b), reason=f"backend {b!r} cannot run here"))
-    for b in ("auto", "cpu", "triton")
-]
+    for b in ("auto", "cpu")
+] + [pytest.param("triton", marks=needs_triton_on_cpu)]  # CPU tensors
 
 
 def run(model, x, train: bool, seed: int = 0):

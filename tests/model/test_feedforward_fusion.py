@@ -13,8 +13,9 @@ from moce_kernels import _backend
 from moce_kernels._backend import is_available
 from moceir.layers import attention
 from moceir.layers.attention import FeedForward
+from tests.conftest import needs_triton_on_cpu
 
-needs_triton = pytest.mark.skipif(not is_available("triton"), reason="Triton cannot run here")
+needs_triton = needs_triton_on_cpu  # CPU tensors
 
 #: Restormer's expansion 2.66 on 6 channels: hidden = 15, so the depthwise conv has 30 channels
 #: (no multiple of any block).

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moce_kernels._backend import triton_usable
 from moceir.layers import tuning
 from moceir.layers.conv import PointwiseConv2d
+from tests.conftest import needs_triton_on_cpu
 
-needs_triton = pytest.mark.skipif(not triton_usable()[0], reason=triton_usable()[1] or "Triton usable")
+needs_triton = needs_triton_on_cpu  # CPU tensors
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import torch
 import moceir
 from moce_kernels._backend import is_available
 from moceir.layers import grouped_experts
+from tests.conftest import needs_triton_on_cpu
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
 
@@ -60,7 +61,7 @@ def test_sync_free_path_matches_per_expert_path(backend, train, batch, top_k, si
     _assert_same(model, got, want)
 
 
-@pytest.mark.skipif(not is_available("triton"), reason="Triton cannot run here")
+@needs_triton_on_cpu
 def test_sync_free_path_on_triton_matches_per_expert_path():
     """The Triton kernels (the interpreter on the CPU): grouped_pointwise's grouped GEMM and
     grouped_dwconv, one training step (the interpreter is slow: one case)."""

@@ -16,17 +16,13 @@ import pytest
 import torch
 
 import moceir
-from moce_kernels._backend import is_available
 from moceir.layers import conv, norm
 from moceir.layers.blocks import DecoderBlock, EncoderBlock
+from tests.conftest import needs_triton_on_cpu
 
-#: These tests run the Triton kernels on CPU tensors: through the interpreter (set by
-#: tests/conftest.py where there is no GPU). The GPU side is in test_backends_gpu.py and
-#: test_tuning_gpu.py.
-needs_triton = pytest.mark.skipif(
-    not (is_available("triton") and os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs Triton's interpreter (CPU tensors)",
-)
+#: These tests run the Triton kernels on CPU tensors. The GPU side is in test_backends_gpu.py
+#: and test_tuning_gpu.py.
+needs_triton = needs_triton_on_cpu
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
 
