@@ -39,7 +39,7 @@ def triton_usable(device: torch.device | str | None = None) -> tuple[bool, str]:
     if kind is None:
         if torch.cuda.is_available() or interpreted:
             return True, ""
-        return False, "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing triton, for testing)"
+        return False, "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing triton: testing)"
     if interpreted:
         return True, ""  # the interpreter runs any tensor (CUDA ones through host copies)
     if kind == "cuda":

@@ -9,6 +9,7 @@ from torch import nn
 from moce_kernels._backend import op_backend, resolve_backend
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.qk_gram import qk_gram
+from moceir.layers.composed_conv import pointwise_then_depthwise
 from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d, apply_attention
 from moceir.layers.norm import LayerNorm2d
 
@@ -97,7 +98,9 @@ class Attention(nn.Module):
     """MDTA: qkv 1x1 -> depthwise 3x3 -> channel attention per head -> project_out 1x1.
 
     With a fast backend (``self.qkv_dwconv.backend``, set by ``model.set_backend``) the
-    attention folds its normalisation (:func:`channel_attention`'s ``fold_norms``)."""
+    attention folds its normalisation (:func:`channel_attention`'s ``fold_norms``). In benchmark
+    mode qkv -> qkv_dwconv may run as one dense 3x3 convolution
+    (:func:`~moceir.layers.composed_conv.pointwise_then_depthwise`)."""
 
     def __init__(self, dim: int, heads: int, bias: bool) -> None:
         super().__init__()
@@ -113,7 +116,7 @@ class Attention(nn.Module):
         """``project_out(attention(qkv(norm(x)))) + residual`` (norm and residual optional: the
         block's LayerNorm and skip, fused into the 1x1 convolutions where the backend allows;
         see :meth:`PointwiseConv2d.fused`)."""
-        q, k, v = self.qkv_dwconv(self.qkv.fused(x, norm)).chunk(3, dim=1)
+        q, k, v = pointwise_then_depthwise(x, self.qkv, self.qkv_dwconv, norm).chunk(3, dim=1)
         backend = self.qkv_dwconv.backend
         fold = can_fold_norms(backend, q)
         attn = channel_attention_map(q, k, self.heads, self.temperature, fold, backend)
@@ -121,7 +124,8 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from ``x`` (1x1 + depthwise 3x3), keys/values from ``y`` (1x1 + depthwise 7x7)."""
+    """Queries from ``x`` (1x1 + depthwise 3x3, in benchmark mode possibly one dense 3x3
+    convolution, as in :class:`Attention`), keys/values from ``y`` (1x1 + depthwise 7x7)."""
 
     def __init__(self, dim: int, heads: int, bias: bool) -> None:
         super().__init__()
@@ -136,7 +140,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``project_out(attention) + residual`` (the skip fused into project_out where the
         backend allows)."""
-        q = self.q_dwconv(self.q(x))
+        q = pointwise_then_depthwise(x, self.q, self.q_dwconv)
         k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
         backend = self.q_dwconv.backend
         fold = can_fold_norms(backend, q)

@@ -46,7 +46,7 @@ def _one_group(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(2, device=x.device) * x.shape[0]
 
 
-def _tuning_key(kind: str, x: torch.Tensor, conv: nn.Conv2d) -> tuple:
+def tuning_key(kind: str, x: torch.Tensor, conv: nn.Conv2d) -> tuple:
     """What a timed choice depends on: the call's shapes, operand dtype (autocast's when on) and
     device."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -97,7 +97,7 @@ class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
             if resolved != "triton" and triton_usable()[0]:
                 # Our other kernel of the op: shapes differ in which of the two runs faster.
                 candidates["triton"] = lambda: self._kernel(xc, weight, bias, "triton")
-            chosen = tuning.choose(_tuning_key("depthwise", x, self), candidates, "kernel", x)
+            chosen = tuning.choose(tuning_key("depthwise", x, self), candidates, "kernel", x)
             if chosen == "cudnn":
                 return super().forward(x)
             backend = "triton" if chosen == "triton" else backend
@@ -150,7 +150,7 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
                 return self._gemm(*self.autocast_operands(x))
 
             candidates = {"cudnn": lambda: nn.Conv2d.forward(self, x), "kernel": kernel, "cublas": gemm}
-            chosen = tuning.choose(_tuning_key("pointwise", x, self), candidates, "cudnn", x)
+            chosen = tuning.choose(tuning_key("pointwise", x, self), candidates, "cudnn", x)
             if chosen == "kernel":
                 return kernel()
             if chosen == "cublas":
@@ -272,7 +272,7 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
             }
         if residual is not None:
             kind += "-residual"
-        chosen = tuning.choose(_tuning_key(kind, x, self), candidates, "unfused", x)
+        chosen = tuning.choose(tuning_key(kind, x, self), candidates, "unfused", x)
         return backend if chosen == "fused" else None
 
     def _fusion_backend(

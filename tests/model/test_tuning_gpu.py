@@ -1,6 +1,7 @@
 """Benchmark mode on a GPU: the trunk's 1x1 and depthwise convolutions time our kernels against
 cuDNN's (and, for 1x1, a cuBLAS GEMM) once per shape and keep the fastest, and so do its
-LayerNorm -> 1x1 and 1x1 -> residual add (fused_pointwise against the unfused layers); every
+LayerNorm -> 1x1 and 1x1 -> residual add (fused_pointwise against the unfused layers) and the
+attention's 1x1 -> depthwise 3x3 (the two layers against one dense 3x3 convolution); every
 choice computes the reference's function, and a CUDA graph captured after the warm-up uses the
 choices without timing anything."""
 
@@ -60,8 +61,10 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
         kinds = {key[0] for key in tuning.choices()}
         fusions = {"pointwise-norm", "pointwise-residual", "pointwise-attention"}
         fusions |= {"pointwise-attention-residual"}
-        assert kinds == {"pointwise", "depthwise", *fusions}
-        assert set(tuning.choices().values()) <= {"cudnn", "kernel", "triton", "cublas", "fused", "unfused"}
+        composed = {"pointwise-depthwise", "pointwise-depthwise-norm"}
+        assert kinds == {"pointwise", "depthwise", *fusions, *composed}
+        names = {"cudnn", "kernel", "triton", "cublas", "fused", "unfused", "separate", "composed"}
+        assert set(tuning.choices().values()) <= names
         # Every 1x1 shape timed its three candidates, every depthwise one its two or three, every
         # LayerNorm -> 1x1, 1x1 -> skip and attention -> project_out the fused kernel against the
         # unfused layers.
@@ -69,6 +72,9 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
             assert all(ms > 0 for ms in times.values()), key
             if key[0] in fusions:
                 assert set(times) == {"fused", "unfused"}, key
+                continue
+            if key[0] in composed:  # qkv -> qkv_dwconv (and q -> q_dwconv) as one 3x3 convolution
+                assert set(times) == {"separate", "composed"}, key
                 continue
             assert set(times) >= {"cudnn", "kernel"}, key
             if key[0] == "pointwise":
@@ -79,15 +85,20 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
     torch.testing.assert_close(again, got)  # same choices (cuDNN's algorithms may add atomics)
 
 
-@pytest.mark.parametrize("forced", ["kernel", "cudnn", "triton", "cublas", "fused"])
+@pytest.mark.parametrize("forced", ["kernel", "cudnn", "triton", "cublas", "fused", "composed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_either_choice_computes_the_reference_with_gradients(forced, dtype, monkeypatch):
+def test_either_choice_computes_the_reference_with_gradients(forced, dtype, benchmark_mode, monkeypatch):
     # Where a layer has no such candidate (a 1x1 convolution has no "triton" one, a depthwise
-    # one no "cublas" one, only the trunk's fusions into its 1x1 convolutions a "fused" one), its
-    # default.
-    monkeypatch.setattr(
-        tuning, "choose", lambda key, candidates, default, x: forced if forced in candidates else default
-    )
+    # one no "cublas" one, only the trunk's fusions into its 1x1 convolutions a "fused" one, only
+    # the attention's 1x1 -> depthwise 3x3 pairs a "composed" one), its default. Benchmark mode is
+    # on (the layers offer their candidates only then); nothing is timed.
+    offered = []
+
+    def choose(key, candidates, default, x):
+        offered.append(forced in candidates)
+        return forced if forced in candidates else default
+
+    monkeypatch.setattr(tuning, "choose", choose)
     ref, fast = _models()
     x = _x()
     outs = []
@@ -98,6 +109,7 @@ def test_either_choice_computes_the_reference_with_gradients(forced, dtype, monk
             out = model(x)
         grads = torch.autograd.grad(out.float().square().mean(), list(model.parameters()), allow_unused=True)
         outs.append((out.float(), grads))
+    assert any(offered), f"no layer offered {forced!r}: the test would check nothing"
     tol = dict(atol=1e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(outs[1][0], outs[0][0], **tol)
     for (name, p), g_fast, g_ref in zip(fast.named_parameters(), outs[1][1], outs[0][1], strict=True):

@@ -59,7 +59,8 @@ def test_triton_usable_per_device(machine, gpu, interpreter, device, usable, why
 
 def test_cpu_tensors_on_a_gpu_machine_are_refused_by_name(machine):
     machine(gpu=True, interpreter=False)
-    with pytest.raises(RuntimeError, match=r"layernorm2d: backend 'triton' cannot run here: .*got cpu tensors"):
+    refused = r"layernorm2d: backend 'triton' cannot run here: .*got cpu tensors"
+    with pytest.raises(RuntimeError, match=refused):
         _backend.resolve_backend("layernorm2d", "triton", torch.device("cpu"))
     # The public op validates, then resolves: the error comes before any Triton launch.
     x, w = torch.rand(1, 4, 3, 3), torch.ones(4)
