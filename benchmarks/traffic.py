@@ -8,6 +8,7 @@ each kernel uses the bandwidth.
 
     python -m benchmarks.traffic --backends reference triton --precision bf16-autocast
     python -m benchmarks.traffic --backends triton --unfused-trunk    # the trunk without fusions
+    python -m benchmarks.traffic --backends triton --composed-pairs   # qkv -> qkv_dwconv as one conv
 
 On the CPU the Triton backend runs through the interpreter (set here when there is no GPU):
 minutes at the default size.
@@ -16,6 +17,7 @@ minutes at the default size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -29,12 +31,20 @@ import moceir  # noqa: E402
 from benchmarks.models import count_traffic  # noqa: E402
 from moce_kernels import BACKENDS  # noqa: E402
 from moceir.layers.adapter import EXPERT_PATHS  # noqa: E402
+from moceir.layers.composed_conv import always_composed  # noqa: E402
 
 PRECISIONS = ("float32", "bf16-autocast", "bfloat16")
 
 
 def traffic(
-    backend: str, precision: str, batch: int, size: int, expert_path: str, fused_trunk: bool, device: str
+    backend: str,
+    precision: str,
+    batch: int,
+    size: int,
+    expert_path: str,
+    fused_trunk: bool,
+    device: str,
+    composed_pairs: bool = False,
 ) -> dict:
     """{"bytes", "calls", "top"} of one inference of MoCE-IR-S (seeded random weights and input)."""
     torch.manual_seed(0)
@@ -50,7 +60,8 @@ def traffic(
         with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
             model(x)
 
-    moved, calls, top = count_traffic(infer)
+    with always_composed() if composed_pairs else contextlib.nullcontext():
+        moved, calls, top = count_traffic(infer)
     return {"bytes": moved, "calls": calls, "top": top}
 
 
@@ -66,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--unfused-trunk", action="store_true", help="model.set_trunk_fusion(False): no fused_pointwise"
     )
+    parser.add_argument(
+        "--composed-pairs",
+        action="store_true",
+        help="every attention 1x1 -> depthwise 3x3 pair as one dense convolution (composed_conv)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=5, help="ops listed per backend (by bytes)")
     args = parser.parse_args(argv)
@@ -73,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch and --size must be >= 1")
     print(
         f"MoCE-IR-S inference, batch {args.batch} at {args.size} x {args.size}, {args.precision}, "
-        f"expert path {args.expert_path}, trunk fusion {'off' if args.unfused_trunk else 'on'}, {args.device}"
+        f"expert path {args.expert_path}, trunk fusion {'off' if args.unfused_trunk else 'on'}"
+        f"{', attention pairs composed' if args.composed_pairs else ''}, {args.device}"
     )
     for backend in args.backends:
-        fused = not args.unfused_trunk
-        result = traffic(backend, args.precision, args.batch, args.size, args.expert_path, fused, args.device)
+        shape = (args.batch, args.size)
+        fused, composed = not args.unfused_trunk, args.composed_pairs
+        result = traffic(backend, args.precision, *shape, args.expert_path, fused, args.device, composed)
         print(f"{backend:>10}: {result['bytes'] / 2**20:10.1f} MiB in {result['calls']} op calls")
         for row in result["top"][: args.top]:
             print(f"{'':12}{row['bytes'] / 2**20:10.1f} MiB  {row['op']}")

@@ -18,6 +18,8 @@ bias over a k x k image).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -105,15 +107,18 @@ def pointwise_then_depthwise(
     """``depthwise(pointwise(norm(x)))``: the two layers as they are (the LayerNorm fused into
     the 1x1 convolution where the backend allows: :meth:`PointwiseConv2d.fused`), or, in
     benchmark mode on a GPU with ``backend="auto"``, :func:`composed_conv` where its first call
-    of the shape timed faster."""
+    of the shape timed faster (inside :func:`always_composed`: wherever the shapes allow)."""
+
+    def composed() -> torch.Tensor:
+        return composed_conv(x if norm is None else norm(x), pointwise, depthwise)
+
+    if _ALWAYS and _pair_fits(x, pointwise, depthwise):
+        return composed()
     if _may_compose(x, pointwise, depthwise):
         kind = "pointwise-depthwise" + ("-norm" if norm is not None else "")
-        candidates = {
-            "separate": lambda: depthwise(pointwise.fused(x, norm)),
-            "composed": lambda: composed_conv(x if norm is None else norm(x), pointwise, depthwise),
-        }
+        candidates = {"separate": lambda: depthwise(pointwise.fused(x, norm)), "composed": composed}
         if tuning.choose(tuning_key(kind, x, depthwise), candidates, "separate", x) == "composed":
-            return candidates["composed"]()
+            return composed()
     return depthwise(pointwise.fused(x, norm))
 
 
@@ -124,17 +129,39 @@ def pointwise_then_depthwise(
 #: 64 x 64: the composition moved more bytes than it saved there).
 COMPOSE_MIN_PIXELS_PER_CHANNEL = 16
 
+_ALWAYS = False
+
+
+@contextlib.contextmanager
+def always_composed() -> Iterator[None]:
+    """Within it every pair runs composed wherever the shapes allow, on any device and backend,
+    benchmark mode or not: for the byte counter (``python -m benchmarks.traffic
+    --composed-pairs``) and tests. Not thread-safe (a module-level switch)."""
+    global _ALWAYS  # noqa: PLW0603
+    saved, _ALWAYS = _ALWAYS, True
+    try:
+        yield
+    finally:
+        _ALWAYS = saved
+
+
+def _pair_fits(x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: DepthwiseConv2d) -> bool:
+    return (
+        x.dim() == 4
+        and x.is_floating_point()
+        and x.shape[1] == pointwise.in_channels
+        and depthwise.in_channels == pointwise.out_channels
+    )
+
 
 def _may_compose(x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: DepthwiseConv2d) -> bool:
+    """Whether benchmark mode may time the composed convolution for this call."""
     return (
         pointwise.backend == "auto"
         and depthwise.backend == "auto"
         and pointwise.fuse_neighbours
         and x.is_cuda
         and tuning.in_use(x)
-        and x.dim() == 4
-        and x.is_floating_point()
-        and x.shape[1] == pointwise.in_channels
-        and depthwise.in_channels == pointwise.out_channels
+        and _pair_fits(x, pointwise, depthwise)
         and x.shape[0] * x.shape[2] * x.shape[3] >= COMPOSE_MIN_PIXELS_PER_CHANNEL * x.shape[1]
     )

@@ -31,3 +31,14 @@ def test_trunk_fusion_moves_fewer_bytes_in_fewer_calls():
 def test_bad_sizes_are_refused():
     with pytest.raises(SystemExit):
         traffic.main(["--batch", "0"])
+
+
+def test_composed_pairs_are_counted(capsys):
+    args = ("reference", "float32", 1, 8, "sync_free", True, "cpu")
+    separate = traffic.traffic(*args)
+    composed = traffic.traffic(*args, composed_pairs=True)
+    # Each pair: one dense convolution and its weight's product for two convolutions, and the
+    # border correction's launches.
+    assert composed["calls"] > separate["calls"] and composed["bytes"] != separate["bytes"]
+    assert traffic.main(["--backends", "reference", "--batch", "1", "--size", "8", "--composed-pairs"]) == 0
+    assert "attention pairs composed" in capsys.readouterr().out

@@ -177,3 +177,19 @@ def test_whole_model_with_every_pair_composed(force_composed, monkeypatch):
         assert (g is None) == (w is None), name
         if g is not None:
             torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_always_composed_composes_anywhere_and_restores(monkeypatch):
+    calls = []
+    real = composed_conv.composed_conv
+    monkeypatch.setattr(composed_conv, "composed_conv", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tuning, "choose", lambda *a: pytest.fail("asked for a choice"))
+    attn = _perturbed(Attention(8, 2, True))
+    x = torch.randn(1, 8, 3, 5, dtype=torch.float64)
+    want = attn(x)
+    with composed_conv.always_composed():
+        got = attn(x)
+    assert calls == [1]
+    attn(x)
+    assert calls == [1]  # off again
+    torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
