@@ -163,5 +163,10 @@ def _may_compose(x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: Depthwi
         and x.is_cuda
         and tuning.in_use(x)
         and _pair_fits(x, pointwise, depthwise)
-        and x.shape[0] * x.shape[2] * x.shape[3] >= COMPOSE_MIN_PIXELS_PER_CHANNEL * x.shape[1]
+        and _enough_pixels(x)
     )
+
+
+def _enough_pixels(x: torch.Tensor) -> bool:
+    """At least COMPOSE_MIN_PIXELS_PER_CHANNEL pixels (all images) per input channel."""
+    return x.shape[0] * x.shape[2] * x.shape[3] >= COMPOSE_MIN_PIXELS_PER_CHANNEL * x.shape[1]

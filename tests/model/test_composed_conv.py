@@ -193,3 +193,13 @@ def test_always_composed_composes_anywhere_and_restores(monkeypatch):
     attn(x)
     assert calls == [1]  # off again
     torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "shape, offered",
+    [((1, 32, 4, 4), False), ((2, 32, 16, 16), True), ((1, 256, 8, 8), False), ((16, 256, 32, 32), True)],
+)
+def test_offered_only_with_enough_pixels_per_channel(shape, offered):
+    """Benchmark mode times the composition only where its weight (k^2 C_out C_in values, made at
+    every forward) is small against the activations it saves."""
+    assert composed_conv._enough_pixels(torch.empty(shape, device="meta")) == offered
