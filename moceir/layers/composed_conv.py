@@ -94,6 +94,11 @@ def composed_conv(x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: Depthw
     :func:`composed_weights`, the border corrected for the 1x1 convolution's bias. The same
     function; the rounding differs (the product of the weights is rounded, not the 1x1
     convolution's output). Under autocast the convolution runs in the autocast dtype."""
+    if depthwise.in_channels != pointwise.out_channels or depthwise.groups != depthwise.in_channels:
+        raise ValueError(
+            f"depthwise must be a depthwise convolution over pointwise's {pointwise.out_channels} output "
+            f"channels, got {depthwise.in_channels} channels in {depthwise.groups} groups"
+        )
     weight, bias = composed_weights(pointwise, depthwise)
     y = F.conv2d(x, weight, bias, padding=depthwise.padding)
     if pointwise.bias is not None:

@@ -203,3 +203,12 @@ def test_offered_only_with_enough_pixels_per_channel(shape, offered):
     """Benchmark mode times the composition only where its weight (k^2 C_out C_in values, made at
     every forward) is small against the activations it saves."""
     assert composed_conv._enough_pixels(torch.empty(shape, device="meta")) == offered
+
+
+def test_mismatched_layers_are_refused_by_name():
+    pw, dw = layers(4, 6, 3, True, True, torch.float32)
+    _, wrong = layers(4, 5, 3, True, True, torch.float32)
+    with pytest.raises(ValueError, match=r"depthwise convolution over pointwise's 6 output channels"):
+        compose(torch.randn(1, 4, 5, 5), pw, wrong)
+    with pytest.raises(RuntimeError, match="channels"):  # x of the wrong width: F.conv2d's own error
+        compose(torch.randn(1, 3, 5, 5), pw, dw)
