@@ -9,6 +9,7 @@ from moce_kernels._extension import build_summary
 from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
 from moce_kernels.dispatch_pointwise import dispatch_pointwise
+from moce_kernels.dwconv_gate_pointwise import dwconv_gate_pointwise
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.fused_pointwise import fused_pointwise
 from moce_kernels.grouped_dwconv import grouped_dwconv, pack_dwconv_weights, pack_rows
@@ -28,6 +29,7 @@ __all__ = [
     "combine",
     "dispatch",
     "dispatch_pointwise",
+    "dwconv_gate_pointwise",
     "dwconv_gelu_gate",
     "fused_pointwise",
     "grouped_dwconv",
