@@ -35,6 +35,7 @@ OPS = (
     "combine",
     "dispatch_pointwise",
     "pointwise_combine",
+    "dwconv_gate_pointwise",
     "dwconv_gelu_gate",
     "fused_pointwise",
     "grouped_dwconv",

@@ -31,6 +31,7 @@ from benchmarks.common import (
     rel_error,
     roofline_ms,
 )
+from moce_kernels.dwconv_gate_pointwise import dwconv_gate_pointwise
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.grouped_layernorm2d import grouped_layernorm2d
 from moce_kernels.grouped_pointwise import grouped_pointwise
@@ -200,6 +201,46 @@ def bench_dwconv_gelu_gate(sizes: Sizes, device, dtype) -> list[Bench]:
                 diff_outputs=lambda o: [o],
                 all_outputs=lambda o: [o],
                 inputs=[x, w, b],
+                bytes_moved=_with_full(fwd_bytes, bwd_bytes),
+                flops=_full_flops(fwd_flops, 2 * fwd_flops),
+            )
+        )
+    return out
+
+
+def bench_dwconv_gate_pointwise(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The trunk's GDFN after project_in at each level: the 3x3 depthwise conv over 2 * hidden
+    channels, gelu(x1) * x2 and project_out (hidden -> C) with the block's skip added, biases on
+    (MoCE-IR-S: 128 -> 32, 256 -> 64, 512 -> 128 channels at 128, 64, 32 px)."""
+    expansion = CONFIGS["moce_ir_s"].ffn_expansion
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        hidden = int(width * expansion)
+        x = _rand((sizes.batch, 2 * hidden, side, side), device, dtype)
+        dw = (torch.randn(2 * hidden, 3, 3, device=device) / 3).to(dtype).requires_grad_(True)
+        db = torch.randn(2 * hidden, device=device).to(dtype).requires_grad_(True)
+        w = (torch.randn(width, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_(True)
+        b = (0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_(True)
+        residual = _rand((sizes.batch, width, side, side), device, dtype)
+        params, y_bytes = nbytes(dw, db, w, b), nbytes(residual)
+        # The fewest bytes: forward reads x and the residual once and writes y (neither the
+        # convolution's output nor the gate goes to memory); backward reads grad y and x, writes
+        # grad x (the gate is recomputed; its gradient's write and read are the unfused
+        # backward's and not counted: a lower bound).
+        fwd_bytes = nbytes(x) + y_bytes + y_bytes + params
+        bwd_bytes = y_bytes + 2 * nbytes(x) + 2 * params
+        fwd_flops = 2 * 9 * x.numel() + 2 * (x.numel() // 2) * width
+        out.append(
+            Bench(
+                op="dwconv_gate_pointwise",
+                case=f"{level}.ffn_tail",
+                shape=list(x.shape),
+                forward=lambda p, x=x, dw=dw, db=db, w=w, b=b, r=residual: dwconv_gate_pointwise(
+                    x, dw, db, w, b, residual=r, backend=p
+                ),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[x, dw, db, w, b, residual],
                 bytes_moved=_with_full(fwd_bytes, bwd_bytes),
                 flops=_full_flops(fwd_flops, 2 * fwd_flops),
             )
@@ -632,6 +673,7 @@ SETUPS = {
     "combine": bench_combine,
     "dispatch_pointwise": bench_dispatch_pointwise,
     "pointwise_combine": bench_pointwise_combine,
+    "dwconv_gate_pointwise": bench_dwconv_gate_pointwise,
     "dwconv_gelu_gate": bench_dwconv_gelu_gate,
     "fused_pointwise": bench_fused_pointwise,
     "grouped_dwconv": bench_grouped_dwconv,

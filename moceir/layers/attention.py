@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moce_kernels._backend import op_backend, resolve_backend
+from moce_kernels.dwconv_gate_pointwise import dwconv_gate_pointwise
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
 from moce_kernels.qk_gram import qk_gram
+from moceir.layers import tuning
 from moceir.layers.composed_conv import pointwise_then_depthwise
-from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d, apply_attention
+from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d, apply_attention, tuning_key
 from moceir.layers.norm import LayerNorm2d
 
 
@@ -153,7 +155,12 @@ class FeedForward(nn.Module):
 
     With a fast backend (``self.dwconv.backend``, set by ``model.set_backend``) the depthwise
     convolution and the gate run as one ``dwconv_gelu_gate``: its 2 * hidden-channel output
-    never goes to memory. The parameters and state-dict keys stay those of ``self.dwconv``.
+    never goes to memory. Where ``dwconv_gate_pointwise`` has a kernel (Triton) the whole tail,
+    depthwise convolution -> gate -> project_out (+ the block's skip), may run as that one op,
+    so that the hidden-channel gate never goes to memory either: always with
+    ``backend="triton"``, in benchmark mode with "auto" on a GPU when it timed faster than the
+    two ops for the shape (the default there: the two ops; unmeasured on a GPU so far). The
+    parameters and state-dict keys stay those of the three convolutions.
     """
 
     def __init__(self, dim: int, expansion: float, bias: bool) -> None:
@@ -175,7 +182,10 @@ class FeedForward(nn.Module):
             # op has no kernel of (self.dwconv still runs theirs).
             x1, x2 = self.dwconv(h).chunk(2, dim=1)
             return self.project_out.fused(F.gelu(x1) * x2, residual=residual)
-        return self.project_out.fused(self._fused_gate(h, backend), residual=residual)
+        tail = self._tail_backend(h, residual, backend)
+        if tail is not None:
+            return self._fused_tail(h, residual, tail)
+        return self._gate_then_project(h, residual, backend)
 
     def _gate_backend(self, h: torch.Tensor) -> str:
         """The concrete backend of ``dwconv_gelu_gate`` for ``h``; "reference" means unfused."""
@@ -191,9 +201,55 @@ class FeedForward(nn.Module):
             backend = resolve_backend("dwconv_gelu_gate", "auto", h.device)
         return backend
 
+    def _tail_backend(self, h: torch.Tensor, residual: torch.Tensor | None, gate_backend: str) -> str | None:
+        """The concrete backend of ``dwconv_gate_pointwise`` for this call, or None for the two
+        ops (``gate_backend``: the gate's, for benchmark mode's other candidate)."""
+        project_out = self.project_out
+        backend = op_backend("dwconv_gate_pointwise", self.dwconv.backend)
+        if not project_out.fuse_neighbours or backend == "reference":
+            return None
+        out_shape = (h.shape[0], project_out.out_channels, *h.shape[2:])
+        if residual is not None and (residual.shape != out_shape or not residual.is_floating_point()):
+            return None  # a residual that broadcasts, or is not float: the unfused add's behaviour
+        if backend != "auto":
+            return backend
+        backend = resolve_backend("dwconv_gate_pointwise", "auto", h.device)
+        if backend == "reference" or not (h.is_cuda and tuning.in_use(h)):
+            return None
+        candidates = {
+            "separate": lambda: self._gate_then_project(h, residual, gate_backend),
+            "fused": lambda: self._fused_tail(h, residual, backend),
+        }
+        kind = "dwconv-gate-pointwise" + ("-residual" if residual is not None else "")
+        chosen = tuning.choose(tuning_key(kind, h, project_out), candidates, "separate", h)
+        return backend if chosen == "fused" else None
+
+    def _gate_then_project(
+        self, h: torch.Tensor, residual: torch.Tensor | None, backend: str
+    ) -> torch.Tensor:
+        """The two ops: ``dwconv_gelu_gate`` on ``backend``, then ``project_out`` (+ residual)."""
+        return self.project_out.fused(self._fused_gate(h, backend), residual=residual)
+
     def _fused_gate(self, h: torch.Tensor, backend: str) -> torch.Tensor:
         conv = self.dwconv
         h, weight, bias = conv.autocast_operands(h)
         c, k = conv.in_channels, conv.kernel_size[0]
         with torch.autocast(h.device.type, enabled=False):
             return dwconv_gelu_gate(h, weight.reshape(c, k, k), bias, backend=backend)
+
+    def _fused_tail(self, h: torch.Tensor, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
+        conv, project_out = self.dwconv, self.project_out
+        h, dw_weight, dw_bias = conv.autocast_operands(h)
+        # The 1x1 convolution's operands as autocast gives them (the gate is rounded to them).
+        weight, bias = project_out.product_operands(h)
+        c, k = conv.in_channels, conv.kernel_size[0]
+        with torch.autocast(h.device.type, enabled=False):
+            return dwconv_gate_pointwise(
+                h,
+                dw_weight.reshape(c, k, k),
+                dw_bias,
+                weight.view(project_out.out_channels, project_out.in_channels),
+                bias,
+                residual=residual,
+                backend=backend,
+            )

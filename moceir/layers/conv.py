@@ -298,7 +298,7 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
             backend = resolve_backend("fused_pointwise", "auto", x.device)
         return None if backend == "reference" else backend
 
-    def _product_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def product_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) as the convolution computes with them: under autocast, in its dtype. x
         stays as it is: fused_pointwise rounds its (normalised) values to the weight's dtype, as
         autocast rounds the convolution's input."""
@@ -311,7 +311,7 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
     def _fused_kernel(
         self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None, backend: str
     ) -> torch.Tensor:
-        weight, bias = self._product_operands(x)
+        weight, bias = self.product_operands(x)
         norm_args = {}
         if norm is not None:
             norm_args = dict(norm_weight=norm.body.weight, norm_bias=norm.body.bias, eps=norm.eps)
@@ -328,7 +328,7 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
     def _attend_kernel(
         self, v: torch.Tensor, attn: torch.Tensor, residual: torch.Tensor | None, backend: str
     ) -> torch.Tensor:
-        weight, bias = self._product_operands(v)
+        weight, bias = self.product_operands(v)
         batch, heads, d, _ = attn.shape
         with torch.autocast(v.device.type, enabled=False):
             # W_b[o, (h, e)] = sum_d W[o, (h, d)] attn_b[h, d, e], in the product's dtype (the map

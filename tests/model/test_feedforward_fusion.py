@@ -1,7 +1,8 @@
-"""The GDFN (FeedForward) on the fused ``dwconv_gelu_gate``: with backend "triton" (the interpreter
-here) the same function as the unfused reference module code, forward and every gradient, also
-under bf16 autocast; the reference backend, and the backends the fused op has no kernel of, keep
-the unfused code bit for bit; parameters and state-dict keys unchanged."""
+"""The GDFN (FeedForward) on the fused ops: ``dwconv_gelu_gate`` (depthwise conv + gate), and
+``dwconv_gate_pointwise`` (the whole tail after project_in). With backend "triton" (the
+interpreter here) each is the same function as the unfused reference module code, forward and
+every gradient, also under bf16 autocast; the reference backend, and the backends the fused ops
+have no kernel of, keep the unfused code bit for bit; parameters and state-dict keys unchanged."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def make_pair(bias: bool, backend: str) -> tuple[FeedForward, FeedForward]:
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The backends FeedForward passes to dwconv_gelu_gate, one entry per call."""
+    """The backends FeedForward passes to dwconv_gelu_gate, one entry per call (the fused tail's
+    calls counted in ``tail_calls``)."""
     calls: list[str] = []
     op = attention.dwconv_gelu_gate
 
@@ -48,6 +50,29 @@ def fused_calls(monkeypatch):
 
     monkeypatch.setattr(attention, "dwconv_gelu_gate", counting)
     return calls
+
+
+@pytest.fixture
+def tail_calls(monkeypatch):
+    """The backends FeedForward passes to dwconv_gate_pointwise, one entry per call."""
+    calls: list[str] = []
+    op = attention.dwconv_gate_pointwise
+
+    def counting(*args, backend, **kwargs):
+        calls.append(backend)
+        return op(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(attention, "dwconv_gate_pointwise", counting)
+    return calls
+
+
+#: FeedForward's fast paths on backend "triton": the gate op then project_out, or the fused tail.
+PATHS = [pytest.param(False, id="gate-op"), pytest.param(True, id="fused-tail")]
+
+
+def expected_calls(tail: bool, backend: str = "triton") -> tuple[list[str], list[str]]:
+    """(dwconv_gelu_gate's calls, dwconv_gate_pointwise's) of one forward on that path."""
+    return ([], [backend]) if tail else ([backend], [])
 
 
 def unfused(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -74,55 +99,88 @@ def test_parameters_and_keys_are_unchanged():
 
 
 @needs_triton
+@pytest.mark.parametrize("tail", PATHS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_triton_matches_reference_with_gradients(bias, fused_calls):
+@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
+def test_triton_matches_reference_with_gradients(bias, tail, residual, fused_calls, tail_calls):
     ref, fast = make_pair(bias, "triton")
+    fast.project_out.fuse_neighbours = tail
     x = torch.randn(2, DIM, 13, 21)
+    skip = torch.randn(2, DIM, 13, 21) if residual else None
     with torch.no_grad():
-        torch.testing.assert_close(fast.eval()(x), ref.eval()(x), atol=1e-5, rtol=1e-5)
-    assert fused_calls == ["triton"]
+        torch.testing.assert_close(
+            fast.eval()(x, residual=skip), ref.eval()(x, residual=skip), atol=1e-5, rtol=1e-5
+        )
+    assert (fused_calls, tail_calls) == expected_calls(tail)
     leaves_ref = [x.clone().requires_grad_(True), *ref.parameters()]
     leaves_fast = [x.clone().requires_grad_(True), *fast.parameters()]
     grad_out = torch.randn(2, DIM, 13, 21, generator=torch.Generator().manual_seed(1))
-    want = torch.autograd.grad(ref.train()(leaves_ref[0]), leaves_ref, grad_out)
-    got = torch.autograd.grad(fast.train()(leaves_fast[0]), leaves_fast, grad_out)
+    want = torch.autograd.grad(ref.train()(leaves_ref[0], residual=leaves_ref[0]), leaves_ref, grad_out)
+    got = torch.autograd.grad(fast.train()(leaves_fast[0], residual=leaves_fast[0]), leaves_fast, grad_out)
     names = ["x", *(n for n, _ in fast.named_parameters())]
     for name, a, b in zip(names, got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
 
 
 @needs_triton
-def test_triton_under_bf16_autocast(fused_calls):
-    # The op takes the autocast dtype for input and parameters (like DepthwiseConv2d); the
+@pytest.mark.parametrize("tail", PATHS)
+def test_triton_under_bf16_autocast(tail, fused_calls, tail_calls):
+    # The ops take the autocast dtype for input and parameters (like DepthwiseConv2d); the
     # float32 parameters still get float32 gradients.
     ref, fast = make_pair(True, "triton")
+    fast.project_out.fuse_neighbours = tail
     x = torch.randn(1, DIM, 6, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = fast(x), ref(x)
         loss = got.float().square().sum()
-    assert got.dtype == want.dtype == torch.bfloat16 and fused_calls == ["triton"]
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert (fused_calls, tail_calls) == expected_calls(tail)
     # Two bf16 computations of the same function: a few bf16 roundings apart.
     torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
-    grad_w = torch.autograd.grad(loss, fast.dwconv.weight)[0]
-    assert grad_w.dtype == torch.float32 and bool(grad_w.isfinite().all())
+    params = [fast.dwconv.weight, fast.project_out.weight, fast.project_out.bias]
+    for grad in torch.autograd.grad(loss, params):
+        assert grad.dtype == torch.float32 and bool(grad.isfinite().all())
 
 
 @needs_triton
-def test_triton_compiles_to_one_graph(fused_calls):
+def test_fused_tail_with_a_float32_residual_under_autocast(tail_calls):
+    """The block's skip (float32) added to the bf16 product: a float32 result, as the unfused
+    ``bf16_conv(gate) + x`` gives."""
+    ref, fast = make_pair(True, "triton")
+    x = torch.randn(1, DIM, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fast(x, residual=x), ref(x, residual=x)
+    assert got.dtype == want.dtype == torch.float32 and tail_calls == ["triton"]
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+@needs_triton
+def test_a_broadcast_residual_keeps_the_unfused_add(fused_calls, tail_calls):
+    ref, fast = make_pair(True, "triton")
+    x = torch.randn(2, DIM, 5, 4)
+    skip = torch.randn(1, DIM, 1, 4)
+    torch.testing.assert_close(fast(x, residual=skip), ref(x, residual=skip), atol=1e-5, rtol=1e-5)
+    assert (fused_calls, tail_calls) == (["triton"], [])
+
+
+@needs_triton
+@pytest.mark.parametrize("tail", PATHS)
+def test_triton_compiles_to_one_graph(tail, fused_calls, tail_calls):
     # The backend choice (op_backend / resolve_backend) and the autocast check trace as
     # constants: no graph break around the fused op.
     ref, fast = make_pair(True, "triton")
+    fast.project_out.fuse_neighbours = tail
     x = torch.randn(1, DIM, 5, 6)
     compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
-    assert fused_calls == ["triton"]
+    assert (fused_calls, tail_calls) == expected_calls(tail)
 
 
-def test_reference_backend_is_the_unfused_code(fused_calls):
+def test_reference_backend_is_the_unfused_code(fused_calls, tail_calls):
     ref, _ = make_pair(True, "triton")
     x = torch.randn(2, DIM, 5, 4)
     assert torch.equal(ref(x), unfused(ref, x))
-    assert fused_calls == []
+    assert fused_calls == [] and tail_calls == []
 
 
 @pytest.fixture
@@ -144,7 +202,9 @@ def no_fused_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
-def test_backends_without_a_fused_kernel_keep_the_unfused_code(backend, no_fused_kernel, fused_calls):
+def test_backends_without_a_fused_kernel_keep_the_unfused_code(
+    backend, no_fused_kernel, fused_calls, tail_calls
+):
     """Where the fused op has no kernel of the model's backend, FeedForward runs the unfused
     module code (its depthwise convolution on that backend's grouped_dwconv), not the op's
     reference: nothing changes for that backend."""
@@ -154,7 +214,7 @@ def test_backends_without_a_fused_kernel_keep_the_unfused_code(backend, no_fused
     x = torch.randn(2, DIM, 5, 4)
     x1, x2 = ff.dwconv(ff.project_in(x)).chunk(2, dim=1)
     assert torch.equal(ff(x), ff.project_out(F.gelu(x1) * x2))
-    assert fused_calls == []
+    assert fused_calls == [] and tail_calls == []
 
 
 def test_cuda_without_a_fused_kernel_keeps_the_unfused_code(no_fused_kernel):
@@ -163,7 +223,7 @@ def test_cuda_without_a_fused_kernel_keeps_the_unfused_code(no_fused_kernel):
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
-def test_cpu_backends_fuse_once_the_op_has_a_cpu_kernel(backend, fused_calls):
+def test_cpu_backends_fuse_once_the_op_has_a_cpu_kernel(backend, fused_calls, tail_calls):
     x = torch.randn(2, DIM, 7, 5)
     try:
         chosen = _backend.resolve_backend("dwconv_gelu_gate", backend, x.device)
@@ -173,11 +233,11 @@ def test_cpu_backends_fuse_once_the_op_has_a_cpu_kernel(backend, fused_calls):
         pytest.skip("dwconv_gelu_gate has no C++ kernel here")
     ref, fast = make_pair(True, backend)
     torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
-    assert fused_calls == ["cpu"]
+    assert fused_calls == ["cpu"] and tail_calls == []  # no C++ kernel of the fused tail
 
 
 @needs_triton
-def test_mismatched_dtypes_keep_the_unfused_error(fused_calls):
+def test_mismatched_dtypes_keep_the_unfused_error(fused_calls, tail_calls):
     # Without autocast the op needs the activations in the parameters' dtype; other inputs get
     # nn.Conv2d's own error, as before the fusion, not the op's.
     ref, fast = make_pair(True, "triton")
@@ -188,4 +248,4 @@ def test_mismatched_dtypes_keep_the_unfused_error(fused_calls):
         ref(x)
     with pytest.raises(RuntimeError) as got:
         fast(x)
-    assert str(got.value) == str(want.value) and fused_calls == []
+    assert str(got.value) == str(want.value) and fused_calls == [] and tail_calls == []

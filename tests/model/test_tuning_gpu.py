@@ -62,7 +62,8 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
         fusions = {"pointwise-norm", "pointwise-residual", "pointwise-attention"}
         fusions |= {"pointwise-attention-residual"}
         composed = {"pointwise-depthwise", "pointwise-depthwise-norm"}
-        assert kinds == {"pointwise", "depthwise", *fusions, *composed}
+        tail = "dwconv-gate-pointwise-residual"  # the GDFN after project_in (and the skip)
+        assert kinds == {"pointwise", "depthwise", *fusions, *composed, tail}
         names = {"cudnn", "kernel", "triton", "cublas", "fused", "unfused", "separate", "composed"}
         assert set(tuning.choices().values()) <= names
         # Every 1x1 shape timed its three candidates, every depthwise one its two or three, every
@@ -75,6 +76,9 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
                 continue
             if key[0] in composed:  # qkv -> qkv_dwconv (and q -> q_dwconv) as one 3x3 convolution
                 assert set(times) == {"separate", "composed"}, key
+                continue
+            if key[0] == tail:
+                assert set(times) == {"separate", "fused"}, key
                 continue
             assert set(times) >= {"cudnn", "kernel"}, key
             if key[0] == "pointwise":
@@ -89,8 +93,9 @@ def test_benchmark_mode_chooses_once_per_shape_and_matches_reference(benchmark_m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_either_choice_computes_the_reference_with_gradients(forced, dtype, benchmark_mode, monkeypatch):
     # Where a layer has no such candidate (a 1x1 convolution has no "triton" one, a depthwise
-    # one no "cublas" one, only the trunk's fusions into its 1x1 convolutions a "fused" one, only
-    # the attention's 1x1 -> depthwise 3x3 pairs a "composed" one), its default. Benchmark mode is
+    # one no "cublas" one, only the trunk's fusions into its 1x1 convolutions and the GDFN's tail
+    # a "fused" one, only the attention's 1x1 -> depthwise 3x3 pairs a "composed" one), its
+    # default. Benchmark mode is
     # on (the layers offer their candidates only then); nothing is timed.
     offered = []
 

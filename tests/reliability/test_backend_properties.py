@@ -255,3 +255,32 @@ def test_dwconv_gelu_gate(backend, shape, kernel, dtype, kind, data):
     out = mk.dwconv_gelu_gate(layout(x, kind), weight, bias, backend=backend)
     ref = mk.dwconv_gelu_gate(x, weight, bias, backend="reference")
     close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("dwconv_gate_pointwise"))
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 11), st.integers(1, 11)),
+    c_out=st.integers(1, 9),
+    kernel=st.sampled_from([3, 5, 7, 9]),
+    dtype=DTYPES,
+    kind=LAYOUTS,
+    data=st.data(),
+)
+def test_dwconv_gate_pointwise(backend, shape, c_out, kernel, dtype, kind, data):
+    batch, half, height, width = shape
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    x = torch.randn(batch, 2 * half, height, width, generator=g).to(dtype)
+    dw_weight = (torch.randn(2 * half, kernel, kernel, generator=g) / kernel).to(dtype)
+    weight = (torch.randn(c_out, half, generator=g) / half**0.5).to(dtype)
+    dw_bias, bias, residual = (
+        t.to(dtype) if data.draw(st.booleans()) else None
+        for t in (
+            torch.randn(2 * half, generator=g),
+            torch.randn(c_out, generator=g),
+            torch.randn(batch, c_out, height, width, generator=g),
+        )
+    )
+    args = (dw_weight, dw_bias, weight, bias)
+    out = mk.dwconv_gate_pointwise(layout(x, kind), *args, residual=residual, backend=backend)
+    ref = mk.dwconv_gate_pointwise(x, *args, residual=residual, backend="reference")
+    close(out, ref, dtype)
