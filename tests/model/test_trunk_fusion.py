@@ -1,7 +1,8 @@
 """The trunk's LayerNorm -> 1x1 and 1x1 -> residual add on ``fused_pointwise``
-(``PointwiseConv2d.fused``): with backend "triton" (the interpreter here) every block's LayerNorm
-and skip go into its 1x1 convolutions, with the reference's function, forward and every gradient,
-also under bf16 autocast; the reference backend and the backends without a kernel of the fusion
+(``PointwiseConv2d.fused``), and the GDFN's tail on ``dwconv_gate_pointwise``: with backend
+"triton" (the interpreter here) every block's LayerNorm and skip go into its 1x1 convolutions
+(the FFN's skip into its fused tail), with the reference's function, forward and every
+gradient, also under bf16 autocast; the reference backend and the backends without a kernel of the fusion
 run the unfused layers bit for bit. Benchmark mode's choice between the two is GPU-only
 (tests/model/test_tuning_gpu.py)."""
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import moceir
-from moceir.layers import conv, norm
+from moceir.layers import attention, conv, norm
 from moceir.layers.blocks import DecoderBlock, EncoderBlock
 from tests.conftest import needs_triton_on_cpu
 
@@ -29,10 +30,10 @@ SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_b
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts of the trunk's fused_pointwise calls (with a norm, with a residual) and of its
-    unfused LayerNorm calls."""
-    counts = {"norm": 0, "residual": 0, "attention": 0, "layernorm": 0}
-    fused, layernorm = conv.fused_pointwise, norm.layernorm2d
+    """Counts of the trunk's fused_pointwise calls (with a norm, with a residual), of its
+    unfused LayerNorm calls and of the GDFN tails fused with their skip (``dwconv_gate_pointwise``)."""
+    counts = {"norm": 0, "residual": 0, "attention": 0, "layernorm": 0, "tail": 0}
+    fused, layernorm, tail = conv.fused_pointwise, norm.layernorm2d, attention.dwconv_gate_pointwise
 
     def counting_fused(*args, **kwargs):
         counts["attention"] += args[1].dim() == 3  # a per-image weight: W @ blockdiag(attn)
@@ -44,8 +45,13 @@ def calls(monkeypatch):
         counts["layernorm"] += 1
         return layernorm(*args, **kwargs)
 
+    def counting_tail(*args, **kwargs):
+        counts["tail"] += kwargs.get("residual") is not None
+        return tail(*args, **kwargs)
+
     monkeypatch.setattr(conv, "fused_pointwise", counting_fused)
     monkeypatch.setattr(norm, "layernorm2d", counting_layernorm)
+    monkeypatch.setattr(attention, "dwconv_gate_pointwise", counting_tail)
     return counts
 
 
@@ -84,14 +90,16 @@ def test_triton_fuses_every_trunk_layernorm_and_skip(calls, fold_always):
     encoder_blocks, decoder_blocks = blocks(model)
     with torch.no_grad():
         model.eval()(torch.rand(1, 3, 16, 16))
-    # Encoder block: qkv and project_in normalise, both project_outs add the skip, attention's
-    # reads attn @ v through its folded weight. Decoder block: its two projections and project_in
-    # normalise, cross-attention's and the FFN's project_out add the skip, both attentions' fold.
+    # Encoder block: qkv and project_in normalise, attention's project_out adds the skip and
+    # reads attn @ v through its folded weight, the FFN's tail (depthwise conv -> gate ->
+    # project_out) adds its skip. Decoder block: its two projections and project_in normalise,
+    # cross-attention's project_out and the FFN's tail add the skip, both attentions' fold.
     assert calls == {
         "norm": 2 * encoder_blocks + 3 * decoder_blocks,
-        "residual": 2 * encoder_blocks + 2 * decoder_blocks,
+        "residual": encoder_blocks + decoder_blocks,
         "attention": encoder_blocks + 2 * decoder_blocks,
         "layernorm": 0,
+        "tail": encoder_blocks + decoder_blocks,
     }
 
 
@@ -148,7 +156,7 @@ def test_reference_backend_is_the_unfused_block_code(calls):
     want = y + block.ffn(block.norms[1](y))
     calls["layernorm"] = 0
     assert torch.equal(block(x), want)
-    assert calls == {"norm": 0, "residual": 0, "attention": 0, "layernorm": 2}
+    assert calls == {"norm": 0, "residual": 0, "attention": 0, "layernorm": 2, "tail": 0}
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "cuda"])
@@ -205,6 +213,7 @@ def test_set_trunk_fusion_off_runs_every_backend_unfused(calls):
         unfused = model.set_trunk_fusion(False)(x)
     encoder_blocks, decoder_blocks = blocks(model)
     assert calls["norm"] == counts["norm"] and calls["residual"] == counts["residual"]
+    assert calls["tail"] == counts["tail"] == encoder_blocks + decoder_blocks  # none while off
     assert calls["layernorm"] == 2 * (encoder_blocks + decoder_blocks)
     torch.testing.assert_close(unfused, fused, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="enabled must be a bool"):
