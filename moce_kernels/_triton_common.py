@@ -56,3 +56,24 @@ def expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E: tl.constexpr):
     # E, so clamp to stay inside the metadata.
     e = tl.minimum(tl.sum(((ends <= row) & (es < E)).to(tl.int32), 0), E - 1)
     return e, tl.load(meta_ptr + e), tl.load(meta_ptr + E + e)
+
+
+#: Elements of one image (or row) from which int32 offsets inside it would wrap.
+INT32_OFFSET_LIMIT = 2**31
+
+
+def int64_offsets(*numels: int) -> bool:
+    """Whether a kernel indexing inside images of these element counts needs int64 offsets (the
+    kernels that take an ``INT64_OFFSETS`` flag compile that variant only for such inputs)."""
+    return max(numels, default=0) >= INT32_OFFSET_LIMIT
+
+
+def check_int32_offsets(op: str, name: str, numel: int, shape: tuple[int, ...]) -> None:
+    """ValueError for a kernel that indexes inside an image or row with int32 offsets when one
+    has ``INT32_OFFSET_LIMIT`` or more elements (the offsets would wrap: wrong memory)."""
+    if numel >= INT32_OFFSET_LIMIT:
+        raise ValueError(
+            f"{op}: an image (row) of {name} must have fewer than 2**31 elements for the Triton "
+            f"kernel, got {numel} ({shape}); use backend='reference', or restore the image in tiles "
+            "(moceir's Restorer, tile=...)"
+        )

@@ -80,11 +80,17 @@ def dwconv_gate_pointwise_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     ACC: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     # Program = (image, pixel tile, output-channel tile), the channel tile fastest (the other
-    # tiles of the same pixels find x in L2). int32 offsets inside an image, its start int64.
+    # tiles of the same pixels find x in L2). Offsets inside an image in int32, channel offsets
+    # (channel * P) in int64 for images of 2**31 or more elements (INT64_OFFSETS: P int64); the
+    # image's start int64.
     R: tl.constexpr = K // 2
-    P = H * W
+    if INT64_OFFSETS:
+        P = H.to(tl.int64) * W
+    else:
+        P = H * W
     pid = tl.program_id(0)
     p_tiles = tl.cdiv(P, BLOCK_P)
     m_block = pid % m_blocks
@@ -197,7 +203,9 @@ def dwconv_gate_pointwise_fwd(
             K=dw_weight.shape[-1], DW_BIAS=dw_bias is not None, HAS_BIAS=bias is not None,
             RESIDUAL=residual is not None, **_pw._dot_flags(dtype),
             BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
-            ACC=_triton_common.acc_dtype(x, weight)[1], num_warps=_pw._num_warps(dtype),
+            ACC=_triton_common.acc_dtype(x, weight)[1],
+            INT64_OFFSETS=_triton_common.int64_offsets(channels * pixels, c_out * pixels),
+            num_warps=_pw._num_warps(dtype),
         )  # fmt: skip
     return y
 

@@ -78,10 +78,14 @@ def fused_pointwise_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     ACC: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     # Program = (image, pixel tile, output-channel tile), the channel tile fastest: neighbouring
-    # programs read the same x tile, from L2 after the first. int32 offsets inside an image
-    # (C * P elements fit), the image's start int64.
+    # programs read the same x tile, from L2 after the first. int32 offsets inside an image,
+    # channel offsets (channel * P) in int64 for images of 2**31 or more elements
+    # (INT64_OFFSETS), the image's start int64.
+    if INT64_OFFSETS:
+        P = P.to(tl.int64)
     pid = tl.program_id(0)
     p_tiles = tl.cdiv(P, BLOCK_P)
     m_block = pid % m_blocks
@@ -188,7 +192,9 @@ def fused_pointwise_fwd(
             float(eps),
             NORM=norm, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, **_pw._dot_flags(dtype),
             BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
-            ACC=_acc_dtype(x, weight)[1], num_warps=_pw._num_warps(dtype),
+            ACC=_acc_dtype(x, weight)[1],
+            INT64_OFFSETS=_triton_common.int64_offsets(c_in * pixels, c_out * pixels),
+            num_warps=_pw._num_warps(dtype),
         )  # fmt: skip
     return y
 

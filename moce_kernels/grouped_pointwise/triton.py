@@ -396,6 +396,9 @@ def launch_rows(a, weight, bias, offsets, meta, out, *, transpose: bool, src=Non
     num_experts, c_out, c_in = weight.shape
     rows, c_m = out.shape[0], out.shape[1]
     pixels = out.shape[2] * out.shape[3]
+    # int32 offsets inside a row: an error rather than wrapped offsets (wrong memory).
+    _triton_common.check_int32_offsets("grouped_pointwise", "the input", a.shape[1] * pixels, tuple(a.shape))
+    _triton_common.check_int32_offsets("grouped_pointwise", "the output", c_m * pixels, tuple(out.shape))
     b = _rows_blocks(c_m, a.shape[1], pixels, a.dtype)
     grouped_pointwise_rows_kernel[(rows * b["p_blocks"] * b["m_blocks"],)](
         a, a if src is None else src, weight, a if bias is None else bias, offsets, meta, out,
@@ -463,6 +466,8 @@ def weight_grads(grad_y, x, weight, offsets, meta, src=None) -> tuple[torch.Tens
     rows, c_out, height, width = grad_y.shape
     num_experts, _, c_in = weight.shape
     pixels = height * width
+    _triton_common.check_int32_offsets("grouped_pointwise", "x", x.shape[1] * pixels, tuple(x.shape))
+    _triton_common.check_int32_offsets("grouped_pointwise", "grad_y", c_out * pixels, tuple(grad_y.shape))
     grad_weight = _empty(weight.shape, weight.dtype, weight.device)
     grad_bias = _empty((num_experts, c_out), weight.dtype, weight.device)
     if rows * pixels == 0:

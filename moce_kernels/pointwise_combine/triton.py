@@ -139,6 +139,9 @@ def pointwise_combine_fwd(
     num_experts, c_out, c_in = weight.shape
     _, _, height, width = h.shape
     pixels = height * width
+    # int32 offsets inside a row: an error rather than wrapped offsets (wrong memory).
+    for name, channels, shape in (("h", c_in, h.shape), ("the output", c_out, (batch, c_out, height, width))):
+        _triton_common.check_int32_offsets("pointwise_combine", name, channels * pixels, tuple(shape))
     out = _triton_common.empty((batch, c_out, height, width), _out_dtype(h, residual), h.device)
     if out.numel() == 0:
         return out

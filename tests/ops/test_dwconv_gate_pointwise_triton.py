@@ -170,6 +170,17 @@ def test_matches_the_two_unfused_ops():
     assert_close_rel(got, want, 1e-6, "y")
 
 
+def test_int64_offsets_give_the_same_bits(monkeypatch):
+    """The kernel's variant for images of 2**31 or more elements (channel offsets in int64),
+    forced on a small one: the same result, bit for bit."""
+    args = make_args((2, 19, 13, 5, 7), torch.bfloat16, torch.bfloat16, torch.float32)
+    want = call(dwconv_gate_pointwise, *args)
+    common = importlib.import_module("moce_kernels._triton_common")
+    monkeypatch.setattr(common, "INT32_OFFSET_LIMIT", 1)
+    assert common.int64_offsets(2 * 19 * 35)
+    assert torch.equal(call(dwconv_gate_pointwise, *args), want)
+
+
 def test_empty_batch():
     args = make_args((0, 6, 4, 3, 5), *(torch.float32,) * 3)
     y, grads = forward_backward(dwconv_gate_pointwise, args)
@@ -373,8 +384,12 @@ AOT_BODY = """
                    H="i32", W="i32", m_blocks="i32")
         consts = dict(K=k, DW_BIAS=True, HAS_BIAS=True, RESIDUAL=True, **pw._dot_flags(x_dtype),
                       BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
-                      ACC=tl.float64 if x_dtype == torch.float64 else tl.float32)
+                      ACC=tl.float64 if x_dtype == torch.float64 else tl.float32,
+                      INT64_OFFSETS=False)
         compile_(label, dgp.dwconv_gate_pointwise_kernel, sig, consts, pw._num_warps(x_dtype))
+    # Images of 2**31 or more elements: channel offsets in int64.
+    consts["INT64_OFFSETS"] = True
+    compile_("fp64-16to8-int64", dgp.dwconv_gate_pointwise_kernel, sig, consts, pw._num_warps(x_dtype))
 """
 
 
@@ -383,7 +398,7 @@ def test_aot_compile_sm90():
     interpreter forgives, tensor cores for the bfloat16 products, and no spills on the GPU's
     tiles (``_GPU_BLOCK_*``)."""
     results = aot_resource_usage(AOT_BODY)
-    assert len(results) == 7
+    assert len(results) == 8
     for r in results:
         print(r)
         assert (r["mma"] != "fma") == ("bf16" in r["label"] or "autocast" in r["label"]), r

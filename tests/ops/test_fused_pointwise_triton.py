@@ -161,6 +161,21 @@ def test_large_mean_keeps_float32_accuracy(small_blocks):
     assert_close_rel(got.double(), want, 1e-4, "y")
 
 
+def test_int64_offsets_give_the_same_bits(monkeypatch):
+    """The forward's variant for images of 2**31 or more elements (channel offsets in int64),
+    forced on a small one: the same result, bit for bit. The backward's kernels (grouped_pointwise)
+    refuse such images with a named error instead."""
+    args = make_args((2, 37, 40, 5, 7), torch.float32, torch.bfloat16, torch.float32)
+    want = call(fused_pointwise, *args)
+    common = importlib.import_module("moce_kernels._triton_common")
+    monkeypatch.setattr(common, "INT32_OFFSET_LIMIT", 1)
+    assert torch.equal(call(fused_pointwise, *args), want)
+    x = args[0].clone().requires_grad_(True)
+    y = call(fused_pointwise, x, *args[1:])
+    with pytest.raises(ValueError, match=r"grouped_pointwise: an image \(row\) of .* fewer than 2\*\*31"):
+        y.sum().backward()
+
+
 def test_float64_matches_reference():
     args = make_args((2, 7, 5, 3, 4), *(torch.float64,) * 3)
     assert_matches_reference(args, 1e-12)
@@ -409,7 +424,7 @@ AOT_BODY = """
                    w_batch_stride="i32", eps="fp32")
         consts = dict(NORM=norm, HAS_BIAS=True, RESIDUAL=residual, **pw._dot_flags(dtype),
                       BLOCK_M=b["block_m"], BLOCK_K=b["block_k"], BLOCK_P=b["block_p"],
-                      ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+                      ACC=tl.float64 if dtype == torch.float64 else tl.float32, INT64_OFFSETS=False)
         compile_(label, fp.fused_pointwise_kernel, sig, consts, pw._num_warps(dtype))
 """
 
