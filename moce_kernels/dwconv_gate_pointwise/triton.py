@@ -39,6 +39,7 @@ _fp = importlib.import_module("moce_kernels.fused_pointwise.triton")
 _gate = importlib.import_module("moce_kernels.dwconv_gelu_gate.triton")
 _normal_cdf = _gate._normal_cdf_pdf
 mma = _pw.mma
+store_product = _fp.store_product
 
 #: GPU tiles (ptxas for sm_90, Triton 3.8, 8 warps, no spills; speed unmeasured: needs a GPU).
 #: Registers grow with the pixels per thread: the two convolution accumulators ([BLOCK_K,
@@ -143,15 +144,9 @@ def dwconv_gate_pointwise_kernel(
         gate = (a * cdf * b).to(x_ptr.dtype.element_ty)
         w = tl.load(w_rows[:, None] + cs[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         acc = mma(acc, w, gate.to(w.dtype), USE_DOT, DOT_UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + ms, mask=m_ok, other=0.0).to(ACC)[:, None]
-    out = (ms * P)[:, None] + ps[None, :]
-    ok = m_ok[:, None] & p_ok[None, :]
-    y = acc.to(w_ptr.dtype.element_ty)  # the convolution's output tensor
-    if RESIDUAL:
-        r = tl.load(r_ptr + image * C_OUT * P + out, mask=ok, other=0.0)
-        y = y.to(ACC) + r.to(ACC)
-    tl.store(y_ptr + image * C_OUT * P + out, y.to(y_ptr.dtype.element_ty), mask=ok)
+    store_product(
+        acc, ms, ps, m_ok, p_ok, image, C_OUT, P, w_ptr, b_ptr, r_ptr, y_ptr, HAS_BIAS, RESIDUAL, ACC
+    )
 
 
 # --- host launchers ------------------------------------------------------------------------------

@@ -54,6 +54,24 @@ _empty = _triton_common.empty
 
 
 @triton.jit
+def store_product(
+    acc, ms, ps, m_ok, p_ok, image, C_OUT, P, w_ptr, b_ptr, r_ptr, y_ptr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of the trunk's 1x1 GEMMs: y[image, ms, ps] = round(acc + bias to weight's
+    dtype) + residual, the unfused layers' roundings (see ``reference.py``)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ms, mask=m_ok, other=0.0).to(ACC)[:, None]
+    out = (ms * P)[:, None] + ps[None, :]
+    ok = m_ok[:, None] & p_ok[None, :]
+    y = acc.to(w_ptr.dtype.element_ty)  # the convolution's output tensor
+    if RESIDUAL:
+        r = tl.load(r_ptr + image * C_OUT * P + out, mask=ok, other=0.0)
+        y = y.to(ACC) + r.to(ACC)
+    tl.store(y_ptr + image * C_OUT * P + out, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def fused_pointwise_kernel(
     x_ptr,  # [B, C_IN, P]: each image's block contiguous, x_batch_stride apart
     w_ptr,  # [C_OUT, C_IN], or [B, C_OUT, C_IN] (w_batch_stride != 0): the product's dtype
@@ -129,15 +147,9 @@ def fused_pointwise_kernel(
             a = tl.where(ok, xn, 0.0).to(x_ptr.dtype.element_ty)
         w = tl.load(w_rows[:, None] + (k0 + ks)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = mma(acc, w, a.to(w.dtype), USE_DOT, DOT_UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + ms, mask=m_ok, other=0.0).to(ACC)[:, None]
-    out = (ms * P)[:, None] + ps[None, :]
-    ok = m_ok[:, None] & p_ok[None, :]
-    y = acc.to(w_ptr.dtype.element_ty)  # the convolution's output tensor
-    if RESIDUAL:
-        r = tl.load(r_ptr + image * C_OUT * P + out, mask=ok, other=0.0)
-        y = y.to(ACC) + r.to(ACC)
-    tl.store(y_ptr + image * C_OUT * P + out, y.to(y_ptr.dtype.element_ty), mask=ok)
+    store_product(
+        acc, ms, ps, m_ok, p_ok, image, C_OUT, P, w_ptr, b_ptr, r_ptr, y_ptr, HAS_BIAS, RESIDUAL, ACC
+    )
 
 
 # --- host launchers ------------------------------------------------------------------------------

@@ -37,33 +37,29 @@ def make_pair(bias: bool, backend: str) -> tuple[FeedForward, FeedForward]:
     return ref, fast
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The backends FeedForward passes to dwconv_gelu_gate, one entry per call (the fused tail's
-    calls counted in ``tail_calls``)."""
+def count_calls(monkeypatch, op_name: str) -> list[str]:
+    """The backends FeedForward passes to ``attention.<op_name>``, one entry per call."""
     calls: list[str] = []
-    op = attention.dwconv_gelu_gate
+    op = getattr(attention, op_name)
 
     def counting(*args, backend, **kwargs):
         calls.append(backend)
         return op(*args, backend=backend, **kwargs)
 
-    monkeypatch.setattr(attention, "dwconv_gelu_gate", counting)
+    monkeypatch.setattr(attention, op_name, counting)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """dwconv_gelu_gate's calls (the fused tail's are counted in ``tail_calls``)."""
+    return count_calls(monkeypatch, "dwconv_gelu_gate")
 
 
 @pytest.fixture
 def tail_calls(monkeypatch):
-    """The backends FeedForward passes to dwconv_gate_pointwise, one entry per call."""
-    calls: list[str] = []
-    op = attention.dwconv_gate_pointwise
-
-    def counting(*args, backend, **kwargs):
-        calls.append(backend)
-        return op(*args, backend=backend, **kwargs)
-
-    monkeypatch.setattr(attention, "dwconv_gate_pointwise", counting)
-    return calls
+    """dwconv_gate_pointwise's calls."""
+    return count_calls(monkeypatch, "dwconv_gate_pointwise")
 
 
 #: FeedForward's fast paths on backend "triton": the gate op then project_out, or the fused tail.

@@ -71,6 +71,18 @@ LAYOUTS = [
 ]
 
 
+# --- comparisons ----------------------------------------------------------------------------------
+
+
+def assert_close_rel(got, want, rtol, name):
+    """|got - want| <= rtol * max|want| (+ a tiny floor for all-zero results), same dtype."""
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    assert not bool(got.isnan().any()), f"{name}: NaN"
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+    assert err <= rtol * scale + 1e-6, f"{name}: max error {err:.3g} against max |want| {scale:.3g}"
+
+
 def misaligned(x: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of x that starts one element into its buffer (not 16-byte aligned)."""
     x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)

@@ -18,7 +18,7 @@ import torch
 
 from moce_kernels import _backend
 from moce_kernels.fused_pointwise import fused_pointwise, fused_pointwise_reference
-from tests.ops._helpers import TRITON_DEVICE, aot_resource_usage, skip_unless_triton_usable
+from tests.ops._helpers import TRITON_DEVICE, aot_resource_usage, assert_close_rel, skip_unless_triton_usable
 
 skip_unless_triton_usable()
 
@@ -96,15 +96,6 @@ def forward_backward(fn, args, seed=1):
     present = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(y, present, grad_y))
     return y.detach(), [None if t is None else next(grads) for t in leaves]
-
-
-def assert_close_rel(got, want, rtol, name):
-    """|got - want| <= rtol * max|want| (+ a tiny floor for all-zero results), same dtype."""
-    assert got.dtype == want.dtype and got.shape == want.shape, name
-    assert not bool(got.isnan().any()), f"{name}: NaN"
-    scale = want.double().abs().max().item() if want.numel() else 0.0
-    err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
-    assert err <= rtol * scale + 1e-6, f"{name}: max error {err:.3g} against max |want| {scale:.3g}"
 
 
 def assert_matches_reference(args, rtol):
