@@ -77,3 +77,25 @@ def check_int32_offsets(op: str, name: str, numel: int, shape: tuple[int, ...]) 
             f"kernel, got {numel} ({shape}); use backend='reference', or restore the image in tiles "
             "(moceir's Restorer, tile=...)"
         )
+
+
+# --- launch grids -------------------------------------------------------------------------------
+# Every Triton launch here uses a 1-d grid: CUDA allows 2**31 - 1 programs on a grid's first
+# dimension but only 65535 on the second and third, which a second "rows" or "chunks" axis passes
+# for large images or batches (tests/ops/test_launch_grids.py holds every kernel to this).
+
+
+@triton.jit
+def row_chunk(NUM_CHUNKS):
+    """(row, chunk) of this program, int64, on a 1-d grid of rows x ``NUM_CHUNKS`` programs with
+    a row's chunks consecutive (they read neighbouring memory)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // NUM_CHUNKS
+    return row, pid - row * NUM_CHUNKS
+
+
+def row_block(features: int) -> tuple[int, int]:
+    """(BLOCK_F, num_warps) of the row-copy kernels (dispatch, combine): up to 4096 elements per
+    program (16 KiB of float32)."""
+    block = min(4096, max(16, triton.next_power_of_2(features)))
+    return block, 8 if block >= 4096 else 4

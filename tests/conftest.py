@@ -157,3 +157,12 @@ def fast_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
             continue
         usable.append(backend)
     return usable
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_dimensional_triton_grids():
+    """Every Triton launch of moce_kernels in the run must use a 1-d grid (tests/_launch_grids.py)."""
+    from tests._launch_grids import one_dimensional_grids  # noqa: PLC0415
+
+    with one_dimensional_grids():
+        yield

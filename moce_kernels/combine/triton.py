@@ -12,6 +12,9 @@ Accumulation in float32 (float64 when y or the gates are float64), in a fixed or
   second small kernel sums, per slot s, ``partials[inverse[s], :]`` in chunk order into
   ``grad_gates[s]``. Deterministic, no atomics.
 
+The (row, chunk) programs are numbered on a 1-d grid (``_triton_common.row_chunk``: CUDA caps a
+grid's second dimension at 65535).
+
 Indices outside the tensors (a corrupted plan; its values are not checked on the host, that
 would sync) are never dereferenced: what depends on them comes out NaN.
 """
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from moce_kernels import _library
+from moce_kernels._triton_common import row_block, row_chunk
 from moce_kernels.combine import _autograd
 from moce_kernels.dispatch.triton import as_rows, check_plan_index, from_rows
 from moce_kernels.route.reference import RoutingPlan
@@ -39,11 +43,12 @@ def combine_fwd_kernel(
     S,
     F,
     K,
+    NUM_CHUNKS,
     ACC: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    image, chunk = row_chunk(NUM_CHUNKS)
+    cols = chunk * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < F
     acc = tl.zeros([BLOCK_F], dtype=ACC)
     for j in range(K):
@@ -73,8 +78,7 @@ def combine_bwd_kernel(
     NEED_GATES: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    row, chunk = row_chunk(NUM_CHUNKS)
     cols = chunk * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < F
     slot = tl.load(sorted_slots_ptr + row).to(tl.int64)
@@ -129,12 +133,6 @@ def _acc(*tensors: torch.Tensor):
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-def _block_f(features: int) -> tuple[int, int]:
-    """(BLOCK_F, num_warps): up to 4096 elements per program."""
-    block = min(4096, max(16, triton.next_power_of_2(features)))
-    return block, 8 if block >= 4096 else 4
-
-
 def combine_fwd(y: torch.Tensor, gates: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """[B, F] in y's dtype from contiguous y [S, F], gates [B, K], inverse [S]."""
     slots, features = y.shape
@@ -142,9 +140,10 @@ def combine_fwd(y: torch.Tensor, gates: torch.Tensor, inverse: torch.Tensor) -> 
     out = torch.empty(batch, features, dtype=y.dtype, device=y.device)
     if batch == 0 or features == 0:
         return out
-    block, warps = _block_f(features)
-    combine_fwd_kernel[(batch, triton.cdiv(features, block))](
-        y, gates, inverse, out, slots, features, k, ACC=_acc(y, gates), BLOCK_F=block, num_warps=warps
+    block, warps = row_block(features)
+    chunks = triton.cdiv(features, block)
+    combine_fwd_kernel[(batch * chunks,)](
+        y, gates, inverse, out, slots, features, k, chunks, ACC=_acc(y, gates), BLOCK_F=block, num_warps=warps
     )
     return out
 
@@ -175,14 +174,14 @@ def combine_bwd(
             grad_gates.zero_()  # an empty dot product
         return grad_y, grad_gates
     acc = _acc(y, gates, grad_out)
-    block, warps = _block_f(features)
+    block, warps = row_block(features)
     num_chunks = triton.cdiv(features, block)
     partials = torch.empty(
         (slots, num_chunks) if need_gates else (0,),
         dtype=torch.float64 if acc == tl.float64 else torch.float32,
         device=dev,
     )
-    combine_bwd_kernel[(slots, num_chunks)](
+    combine_bwd_kernel[(slots * num_chunks,)](
         grad_out,
         y,
         gates,

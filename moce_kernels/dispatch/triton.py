@@ -10,6 +10,10 @@ other layout is copied to contiguous first. The output keeps that layout.
   ``plan.inverse``, in the fixed order j = 0..k-1 in float32 (float64 for float64): a gather,
   deterministic, no atomics.
 
+The (row, chunk) programs are numbered on a 1-d grid (``_triton_common.row_chunk``): CUDA caps
+a grid's second dimension at 65535, which chunks (an image of over 268M elements) or rows (over
+65535 slots) would pass.
+
 Indices outside the tensor (a corrupted plan; the plan's values are not checked on the host,
 that would sync) are never dereferenced: the rows they name read as NaN (floating dtypes) or 0.
 """
@@ -23,6 +27,7 @@ import triton
 import triton.language as tl
 
 from moce_kernels import _library
+from moce_kernels._triton_common import row_block, row_chunk
 from moce_kernels.dispatch import _autograd
 from moce_kernels.route.reference import RoutingPlan
 
@@ -48,11 +53,12 @@ def dispatch_fwd_kernel(
     out_ptr,  # [S, F]
     B,
     F,
+    NUM_CHUNKS,
     IS_FLOAT: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    row, chunk = row_chunk(NUM_CHUNKS)
+    cols = chunk * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < F
     image = tl.load(sorted_images_ptr + row).to(tl.int64)
     ok = (image >= 0) & (image < B)
@@ -73,11 +79,12 @@ def dispatch_bwd_kernel(
     S,
     F,
     K,
+    NUM_CHUNKS,
     ACC: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    image = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    image, chunk = row_chunk(NUM_CHUNKS)
+    cols = chunk * BLOCK_F + tl.arange(0, BLOCK_F)
     col_ok = cols < F
     acc = tl.zeros([BLOCK_F], dtype=ACC)
     for j in range(K):
@@ -92,12 +99,6 @@ def dispatch_bwd_kernel(
 # --- launchers ------------------------------------------------------------------------------
 
 
-def _block_f(features: int) -> tuple[int, int]:
-    """(BLOCK_F, num_warps): up to 4096 elements per program (16 KiB of float32)."""
-    block = min(4096, max(16, triton.next_power_of_2(features)))
-    return block, 8 if block >= 4096 else 4
-
-
 def dispatch_fwd(x: torch.Tensor, sorted_images: torch.Tensor) -> torch.Tensor:
     """[S, F] rows ``x[sorted_images]`` of a contiguous [B, F] tensor."""
     batch, features = x.shape
@@ -109,13 +110,15 @@ def dispatch_fwd(x: torch.Tensor, sorted_images: torch.Tensor) -> torch.Tensor:
     if x.dtype not in _NATIVE:
         # bool, complex, float8, uint16..64: a copy is a copy, move the raw bytes.
         src, dst = x.view(torch.uint8), out.view(torch.uint8)
-    block, warps = _block_f(src.shape[1])
-    dispatch_fwd_kernel[(slots, triton.cdiv(src.shape[1], block))](
+    block, warps = row_block(src.shape[1])
+    chunks = triton.cdiv(src.shape[1], block)
+    dispatch_fwd_kernel[(slots * chunks,)](
         src,
         sorted_images,
         dst,
         batch,
         src.shape[1],
+        chunks,
         IS_FLOAT=src.dtype.is_floating_point,
         BLOCK_F=block,
         num_warps=warps,
@@ -129,14 +132,16 @@ def dispatch_bwd(grad_out: torch.Tensor, inverse: torch.Tensor, batch: int) -> t
     grad_x = torch.empty(batch, features, dtype=grad_out.dtype, device=grad_out.device)
     if batch == 0 or features == 0:
         return grad_x
-    block, warps = _block_f(features)
-    dispatch_bwd_kernel[(batch, triton.cdiv(features, block))](
+    block, warps = row_block(features)
+    chunks = triton.cdiv(features, block)
+    dispatch_bwd_kernel[(batch * chunks,)](
         grad_out,
         inverse,
         grad_x,
         slots,
         features,
         slots // batch,
+        chunks,
         ACC=_ACC.get(grad_out.dtype, tl.float32),
         BLOCK_F=block,
         num_warps=warps,

@@ -50,6 +50,7 @@ _acc_dtype = _triton_common.acc_dtype
 _device_guard = _triton_common.device_guard
 _empty = _triton_common.empty
 _expert_of_row = _triton_common.expert_of_row
+_row_chunk = _triton_common.row_chunk
 _metadata = _triton_common.expert_metadata
 
 #: The backward's programs (rows * chunks) to aim for: a few per SM of an H100, so that the GPU
@@ -80,6 +81,7 @@ def grouped_layernorm2d_fwd_kernel(
     C_MAX,
     HW,
     E,
+    TILES,  # pixel tiles per row
     eps,
     BLOCK_E: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -88,8 +90,8 @@ def grouped_layernorm2d_fwd_kernel(
     HAS_GATE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row, pid_p = _row_chunk(TILES)
+    pid_p = pid_p.to(tl.int32)
     e, c_e, _ = _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E)
     n_e = c_e.to(ACC)
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
@@ -221,6 +223,7 @@ def grouped_layernorm2d_bwd_kernel(
     HW,
     E,
     chunk_len,  # pixels per program: a multiple of BLOCK_P (BLOCK_P itself unless LOOP_TILES)
+    CHUNKS,  # programs per row
     BLOCK_E: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -229,9 +232,9 @@ def grouped_layernorm2d_bwd_kernel(
     HAS_GATE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    part_row = (row * tl.num_programs(0) + chunk) * C_MAX
+    row, chunk = _row_chunk(CHUNKS)
+    part_row = (row * CHUNKS + chunk) * C_MAX
+    chunk = chunk.to(tl.int32)
     e, c_e, _ = _expert_of_row(off_ptr, meta_ptr, row, E, BLOCK_E)
     n_e = c_e.to(ACC)
     # int32 offsets inside a row, int64 row starts (as in the forward).
@@ -431,10 +434,11 @@ def grouped_layernorm2d_fwd(
     pixels = height * width
     block_c, block_p, single, num_warps = _blocks(c_max, pixels)
     num_experts = weight.shape[0]
+    tiles = triton.cdiv(pixels, block_p)
     with _device_guard(x):
-        grouped_layernorm2d_fwd_kernel[(triton.cdiv(pixels, block_p), rows)](
+        grouped_layernorm2d_fwd_kernel[(rows * tiles,)](
             x, weight, bias, offsets, _expert_meta(channels, x.device), x if gate is None else gate, y,
-            mean, rstd, c_max, pixels, num_experts, float(eps),
+            mean, rstd, c_max, pixels, num_experts, tiles, float(eps),
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=block_c, BLOCK_P=block_p,
             SINGLE_TILE=single, HAS_GATE=gate is not None, ACC=acc_tl, num_warps=num_warps,
         )  # fmt: skip
@@ -492,9 +496,10 @@ def grouped_layernorm2d_bwd(
     reduce_c = min(_REDUCE_BLOCK_C, triton.next_power_of_2(c_max))
     c_blocks = triton.cdiv(c_max, reduce_c)
     with _device_guard(x):
-        grouped_layernorm2d_bwd_kernel[(chunks, rows)](
+        grouped_layernorm2d_bwd_kernel[(rows * chunks,)](
             grad_y, x, weight, bias, x if gate is None else gate, offsets, meta, mean, rstd, grad_x,
             grad_x if gate is None else grad_gate, part_w, part_b, c_max, pixels, num_experts, chunk_len,
+            chunks,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_C=block_c, BLOCK_P=block_p,
             SINGLE_TILE=single, LOOP_TILES=chunk_len > block_p, HAS_GATE=gate is not None, ACC=acc_tl,
             num_warps=num_warps,

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from moce_kernels import _library, _triton_common
+from moce_kernels._triton_common import row_chunk
 from moce_kernels.layernorm2d import _autograd
 
 # Shared with the other Triton bindings (moce_kernels/_triton_common.py).
@@ -65,14 +66,14 @@ def layernorm2d_fwd_kernel(
     rstd_ptr,  # [B, H*W], ACC
     C,
     HW,
+    TILES,  # pixel tiles per image
     eps,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    pid_p = tl.program_id(0).to(tl.int64)
-    batch = tl.program_id(1).to(tl.int64)
+    batch, pid_p = row_chunk(TILES)
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
     pmask = pix < HW
     image = batch * C * HW
@@ -140,14 +141,14 @@ def layernorm2d_bwd_kernel(
     part_b_ptr,  # [B * tiles, C], ACC: this tile's sum of gy per channel
     C,
     HW,
+    TILES,  # pixel tiles per image
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    pid_p = tl.program_id(0).to(tl.int64)
-    batch = tl.program_id(1).to(tl.int64)
-    part_row = (batch * tl.num_programs(0) + pid_p) * C
+    batch, pid_p = row_chunk(TILES)
+    part_row = (batch * TILES + pid_p) * C
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pix < HW
     image = batch * C * HW
@@ -265,10 +266,10 @@ def layernorm2d_fwd(
         return y, mean, rstd
     HW = H * W
     block_c, block_p, single, num_warps = _blocks(C, HW)
-    grid = (triton.cdiv(HW, block_p), B)
+    tiles = triton.cdiv(HW, block_p)
     with _device_guard(x):
-        layernorm2d_fwd_kernel[grid](
-            x, weight, bias, y, mean, rstd, C, HW, float(eps),
+        layernorm2d_fwd_kernel[(B * tiles,)](
+            x, weight, bias, y, mean, rstd, C, HW, tiles, float(eps),
             BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_TILE=single, ACC=acc_tl, num_warps=num_warps,
         )  # fmt: skip
     return y, mean, rstd
@@ -303,8 +304,8 @@ def layernorm2d_bwd(
     grad_weight = _empty(weight.shape, weight.dtype, weight.device)
     grad_bias = _empty(weight.shape, weight.dtype, weight.device)
     with _device_guard(x):
-        layernorm2d_bwd_kernel[(tiles, B)](
-            grad_y, x, weight, mean, rstd, grad_x, part_w, part_b, C, HW,
+        layernorm2d_bwd_kernel[(B * tiles,)](
+            grad_y, x, weight, mean, rstd, grad_x, part_w, part_b, C, HW, tiles,
             BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_TILE=single, ACC=acc_tl, num_warps=num_warps,
         )  # fmt: skip
         _column_sums(part_w, grad_weight, acc_tl)

@@ -38,6 +38,7 @@ _acc_dtype = _triton_common.acc_dtype
 _device_guard = _triton_common.device_guard
 _empty = _triton_common.empty
 _interpreted = _triton_common.interpreted
+_row_chunk = _triton_common.row_chunk
 
 #: Widest map tile (ptxas on sm_90, Triton 3.6, 8 warps: no spills with these tiles). The
 #: forward's stacked 16-bit product takes D = 64 (MoCE-IR's widest head) in one tile (~200
@@ -72,8 +73,10 @@ def qk_gram_partial_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STACKED: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    # 1-d grid, split-major (CUDA caps a grid's second dimension at 65535).
+    split, pid = _row_chunk(tl.num_programs(0) // SPLITS)
+    pid = pid.to(tl.int32)
+    split = split.to(tl.int32)
     bh = pid // (TILES * TILES)
     tile = pid - bh * TILES * TILES
     ti = tile // TILES
@@ -143,16 +146,19 @@ def qk_gram_bwd_kernel(
     grad_q_sq_ptr, grad_k_sq_ptr,  # [B * HEADS, D], ACC
     q_ptr, k_ptr,  # [B, HEADS, D, N], pixels contiguous
     grad_q_ptr, grad_k_ptr,  # [B * HEADS, D, N], q's dtype
-    HEADS, D, N, q_sb, q_sh, q_sd, k_sb, k_sh, k_sd, TILES,
+    HEADS, D, N, q_sb, q_sh, q_sd, k_sb, k_sh, k_sd, TILES, N_BLOCKS,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    # 1-d grid of (image, head, row tile) x N_BLOCKS pixel blocks: an 8K image has 260K blocks,
+    # past CUDA's 65535 on a grid's second dimension.
+    pid, n_block = _row_chunk(N_BLOCKS)
+    pid = pid.to(tl.int32)
     bh = pid // TILES
     tr = pid - bh * TILES
     b = (bh // HEADS).to(tl.int64)
     h = (bh - (bh // HEADS) * HEADS).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     rows = tr * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = rows < D
@@ -259,7 +265,7 @@ def qk_gram_fwd(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.T
     q_sq = _empty((B * heads, splits, D), acc_torch, q.device)
     k_sq = _empty((B * heads, splits, D), acc_torch, q.device)
     with _device_guard(q):
-        qk_gram_partial_kernel[(programs, splits)](
+        qk_gram_partial_kernel[(splits * programs,)](
             q, k, gram, q_sq, k_sq, heads, D, N, *q_strides, *k_strides, splits, per_split, tiles,
             USE_DOT=q.dtype != torch.float64, DOT_UPCAST=_interpreted() and q.dtype == torch.bfloat16,
             ACC=acc_tl, **config,
@@ -290,10 +296,11 @@ def qk_gram_bwd(
     grad_gram, grad_q_sq, grad_k_sq = (
         g.to(acc_torch).contiguous() for g in (grad_gram, grad_q_sq, grad_k_sq)
     )
+    n_blocks = triton.cdiv(N, config["BLOCK_N"])
     with _device_guard(q):
-        qk_gram_bwd_kernel[(B * heads * tiles, triton.cdiv(N, config["BLOCK_N"]))](
+        qk_gram_bwd_kernel[(B * heads * tiles * n_blocks,)](
             grad_gram, grad_q_sq, grad_k_sq, q, k, grad_q, grad_k, heads, D, N, *q_strides,
-            *k_strides, tiles, USE_DOT=q.dtype != torch.float64,
+            *k_strides, tiles, n_blocks, USE_DOT=q.dtype != torch.float64,
             DOT_UPCAST=_interpreted() and q.dtype == torch.bfloat16, ACC=acc_tl, **config,
         )  # fmt: skip
     return grad_q, grad_k

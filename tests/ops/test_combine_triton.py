@@ -199,7 +199,7 @@ def test_strided_inputs(make_routing):
 def test_several_feature_chunks(make_routing, monkeypatch, features):
     # Blocks of 16 features: a row spans several programs, and with 68 chunks the gate reduction
     # loops over more than one BLOCK_C (64) of partial sums.
-    monkeypatch.setattr(combine_triton_module, "_block_f", lambda n: (16, 1))
+    monkeypatch.setattr(combine_triton_module, "row_block", lambda n: (16, 1))
     _, plan = make_routing(3, 4, 2, "random", seed=5)
     check_against_reference(
         torch.randn(6, *features, device=DEVICE), random_gates(3, 2), plan_on_device(plan)
@@ -210,7 +210,7 @@ def test_several_feature_chunks(make_routing, monkeypatch, features):
 
 
 def test_buffers_fully_written(make_routing, monkeypatch):
-    monkeypatch.setattr(combine_triton_module, "_block_f", lambda n: (256, 4))  # 4 chunks per row
+    monkeypatch.setattr(combine_triton_module, "row_block", lambda n: (256, 4))  # 4 chunks per row
     _, plan = make_routing(5, 4, 3, "some_empty", seed=6)
     plan = plan_on_device(plan)
     y = torch.randn(15, 3, 13, 21, device=DEVICE, requires_grad=True)
@@ -259,7 +259,7 @@ def test_malformed_plan_raises(make_routing, field, value, error):
 
 
 def test_backward_is_deterministic(make_routing, monkeypatch):
-    monkeypatch.setattr(combine_triton_module, "_block_f", lambda n: (64, 2))  # several partials
+    monkeypatch.setattr(combine_triton_module, "row_block", lambda n: (64, 2))  # several partials
     _, plan = make_routing(6, 5, 3, "random", seed=11)
     plan = plan_on_device(plan)
     y = torch.randn(18, 3, 9, 11, device=DEVICE, requires_grad=True)
@@ -342,6 +342,7 @@ _FWD_SIG = {
     "S": "i32",
     "F": "i32",
     "K": "i32",
+    "NUM_CHUNKS": "i32",
     "ACC": "constexpr",
     "BLOCK_F": "constexpr",
 }

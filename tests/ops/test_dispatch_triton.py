@@ -143,7 +143,7 @@ def test_strided_input(make_routing):
 
 def test_several_feature_chunks(make_routing, monkeypatch):
     # Small blocks so that a row spans many programs (the GPU sizes would need big tensors here).
-    monkeypatch.setattr(dispatch_triton_module, "_block_f", lambda features: (16, 1))
+    monkeypatch.setattr(dispatch_triton_module, "row_block", lambda features: (16, 1))
     _, plan = make_routing(3, 4, 2, "random", seed=5)
     check_against_reference(torch.randn(3, 5, 7, 3, device=DEVICE), plan_on_device(plan))
 
@@ -267,6 +267,7 @@ _FWD_SIG = {
     "out_ptr": "*fp32",
     "B": "i32",
     "F": "i32",
+    "NUM_CHUNKS": "i32",
     "IS_FLOAT": "constexpr",
     "BLOCK_F": "constexpr",
 }
@@ -277,6 +278,7 @@ _BWD_SIG = {
     "S": "i32",
     "F": "i32",
     "K": "i32",
+    "NUM_CHUNKS": "i32",
     "ACC": "constexpr",
     "BLOCK_F": "constexpr",
 }

@@ -667,11 +667,11 @@ AOT_BODY = """
         consts = dict(BLOCK_E=4, BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_TILE=single,
                       HAS_GATE=gt is not None, ACC=acc_tl)
         fwd = dict(x_ptr=x, w_ptr=p, b_ptr=p, off_ptr=offsets, meta_ptr="*i32", gate_ptr=g, y_ptr=g,
-                   mean_ptr=a, rstd_ptr=a, C_MAX="i32", HW="i32", E="i32", eps="fp32")
+                   mean_ptr=a, rstd_ptr=a, C_MAX="i32", HW="i32", E="i32", TILES="i32", eps="fp32")
         compile_(f"fwd-{label}", gln.grouped_layernorm2d_fwd_kernel, fwd, consts, warps)
         bwd = dict(gy_ptr=g, x_ptr=x, w_ptr=p, b_ptr=p, gate_ptr=g, off_ptr=offsets, meta_ptr="*i32",
                    mean_ptr=a, rstd_ptr=a, gx_ptr=x, gg_ptr=g, part_w_ptr=a, part_b_ptr=a, C_MAX="i32",
-                   HW="i32", E="i32", chunk_len="i32")
+                   HW="i32", E="i32", chunk_len="i32", CHUNKS="i32")
         compile_(f"bwd-{label}", gln.grouped_layernorm2d_bwd_kernel, bwd, dict(consts, LOOP_TILES=loop_tiles),
                  warps)
         red = dict(part_w_ptr=a, part_b_ptr=a, off_ptr=offsets, meta_ptr="*i32", gw_ptr=p, gb_ptr=p,

@@ -395,9 +395,10 @@ AOT_SCRIPT = AOT_PRELUDE + textwrap.dedent(
     from moce_kernels.layernorm2d import triton as ln
 
     fwd = dict(x_ptr="*bf16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*bf16", mean_ptr="*fp32",
-               rstd_ptr="*fp32", C="i32", HW="i32", eps="fp32")
+               rstd_ptr="*fp32", C="i32", HW="i32", TILES="i32", eps="fp32")
     bwd = dict(gy_ptr="*bf16", x_ptr="*bf16", w_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
-               gx_ptr="*bf16", part_w_ptr="*fp32", part_b_ptr="*fp32", C="i32", HW="i32")
+               gx_ptr="*bf16", part_w_ptr="*fp32", part_b_ptr="*fp32", C="i32", HW="i32",
+               TILES="i32")
     for c, p in ((48, 16 * 16), (384, 16 * 16), (600, 32 * 32)):
         block_c, block_p, single, warps = ln._blocks(c, p)
         consts = dict(BLOCK_C=block_c, BLOCK_P=block_p, SINGLE_TILE=single, ACC=tl.float32)

@@ -211,7 +211,8 @@ AOT_BODY = """
         consts = dict(config, USE_DOT=True, DOT_UPCAST=False, ACC=tl.float32)
         compile_("partial-" + label, qg.qk_gram_partial_kernel, sig, consts, warps)
         sig = dict(grad_gram_ptr="*fp32", grad_q_sq_ptr="*fp32", grad_k_sq_ptr="*fp32", q_ptr=t, k_ptr=t,
-                   grad_q_ptr=t, grad_k_ptr=t, HEADS="i32", D="i32", N="i32", **strides, TILES="i32")
+                   grad_q_ptr=t, grad_k_ptr=t, HEADS="i32", D="i32", N="i32", **strides, TILES="i32",
+                   N_BLOCKS="i32")
         config = qg._config(d, dtype, backward=True)
         warps = config.pop("num_warps")
         consts = dict(config, USE_DOT=True, DOT_UPCAST=False, ACC=tl.float32)
