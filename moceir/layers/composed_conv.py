@@ -19,6 +19,7 @@ bias over a k x k image).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -117,7 +118,7 @@ def pointwise_then_depthwise(
     def composed() -> torch.Tensor:
         return composed_conv(x if norm is None else norm(x), pointwise, depthwise)
 
-    if _ALWAYS and _pair_fits(x, pointwise, depthwise):
+    if _ALWAYS.get() and _pair_fits(x, pointwise, depthwise):
         return composed()
     if _may_compose(x, pointwise, depthwise):
         kind = "pointwise-depthwise" + ("-norm" if norm is not None else "")
@@ -134,20 +135,21 @@ def pointwise_then_depthwise(
 #: 64 x 64: the composition moved more bytes than it saved there).
 COMPOSE_MIN_PIXELS_PER_CHANNEL = 16
 
-_ALWAYS = False
+#: Set inside :func:`always_composed`; a context variable, so that it holds for the thread (or
+#: asyncio task) that opened the context only.
+_ALWAYS = contextvars.ContextVar("moceir_always_composed", default=False)
 
 
 @contextlib.contextmanager
 def always_composed() -> Iterator[None]:
     """Within it every pair runs composed wherever the shapes allow, on any device and backend,
     benchmark mode or not: for the byte counter (``python -m benchmarks.traffic
-    --composed-pairs``) and tests. Not thread-safe (a module-level switch)."""
-    global _ALWAYS  # noqa: PLW0603
-    saved, _ALWAYS = _ALWAYS, True
+    --composed-pairs``) and tests. Affects the calling thread only."""
+    token = _ALWAYS.set(True)
     try:
         yield
     finally:
-        _ALWAYS = saved
+        _ALWAYS.reset(token)
 
 
 def _pair_fits(x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: DepthwiseConv2d) -> bool:

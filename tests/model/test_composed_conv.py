@@ -8,6 +8,7 @@ tests/model/test_tuning_gpu.py)."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -193,6 +194,22 @@ def test_always_composed_composes_anywhere_and_restores(monkeypatch):
     attn(x)
     assert calls == [1]  # off again
     torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+def test_always_composed_holds_for_its_own_thread_only(monkeypatch):
+    calls = []
+    real = composed_conv.composed_conv
+    monkeypatch.setattr(composed_conv, "composed_conv", lambda *a: calls.append(1) or real(*a))
+    attn = _perturbed(Attention(8, 2, True))
+    x = torch.randn(1, 8, 3, 5, dtype=torch.float64)
+    done = {}
+    with composed_conv.always_composed():
+        other = threading.Thread(target=lambda: done.setdefault("y", attn(x)))
+        other.start()
+        other.join()
+        assert "y" in done and calls == []  # another thread ran the layers as they are
+        attn(x)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize(
