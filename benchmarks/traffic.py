@@ -4,7 +4,9 @@ Every op call's tensor inputs and outputs, counted once (``benchmarks.models.cou
 dispatch mode; views excluded, an in-place output not counted twice). A lower bound on a GPU's
 DRAM traffic when each kernel reads its inputs once: it says what a change of the kernels'
 contracts (a fusion, a layout) saves, on any machine, with no GPU. It says nothing about how well
-each kernel uses the bandwidth.
+each kernel uses the bandwidth. The forward counted is the second one (a served model's: the
+first builds what eval forwards keep, ``moceir.layers.packing_cache``); ``--cold`` counts the
+first.
 
     python -m benchmarks.traffic --backends reference triton --precision bf16-autocast
     python -m benchmarks.traffic --backends triton --unfused-trunk    # the trunk without fusions
@@ -45,6 +47,7 @@ def traffic(
     fused_trunk: bool,
     device: str,
     composed_pairs: bool = False,
+    cold: bool = False,
 ) -> dict:
     """{"bytes", "calls", "top"} of one inference of MoCE-IR-S (seeded random weights and input)."""
     torch.manual_seed(0)
@@ -61,6 +64,8 @@ def traffic(
             model(x)
 
     with always_composed() if composed_pairs else contextlib.nullcontext():
+        if not cold:
+            infer()
         moved, calls, top = count_traffic(infer)
     return {"bytes": moved, "calls": calls, "top": top}
 
@@ -82,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every attention 1x1 -> depthwise 3x3 pair as one dense convolution (composed_conv)",
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="count the first forward (default: the second, warm one)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=5, help="ops listed per backend (by bytes)")
     args = parser.parse_args(argv)
@@ -90,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MoCE-IR-S inference, batch {args.batch} at {args.size} x {args.size}, {args.precision}, "
         f"expert path {args.expert_path}, trunk fusion {'off' if args.unfused_trunk else 'on'}"
-        f"{', attention pairs composed' if args.composed_pairs else ''}, {args.device}"
+        f"{', attention pairs composed' if args.composed_pairs else ''}, {args.device}, "
+        f"{'first (cold)' if args.cold else 'second (warm)'} forward"
     )
     for backend in args.backends:
         shape = (args.batch, args.size)
         fused, composed = not args.unfused_trunk, args.composed_pairs
-        result = traffic(backend, args.precision, *shape, args.expert_path, fused, args.device, composed)
+        result = traffic(
+            backend, args.precision, *shape, args.expert_path, fused, args.device, composed, args.cold
+        )
         print(f"{backend:>10}: {result['bytes'] / 2**20:10.1f} MiB in {result['calls']} op calls")
         for row in result["top"][: args.top]:
             print(f"{'':12}{row['bytes'] / 2**20:10.1f} MiB  {row['op']}")

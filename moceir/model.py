@@ -21,6 +21,7 @@ from moceir.layers.blocks import (
     Upsample,
 )
 from moceir.layers.conv import PointwiseConv2d
+from moceir.layers.packing_cache import drop_caches
 
 #: H and W must be multiples of this inside the network (three 2x down-samplings).
 SIZE_MULTIPLE = 8
@@ -111,6 +112,13 @@ class MoCEIR(nn.Module):
         # Read off the decoder, not found by walking every module: the forward calls this, and
         # a walk of MoCE-IR-S's 1,336 modules took ~1 ms of host time per call on the CPU.
         return [block.adapter for _, _, group in self.dec for block in group.layers]
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .half() make new parameters: drop the eval caches built from the old
+        # ones now (moceir.layers.packing_cache), rather than hold their memory, on the old
+        # device, until the next forward rebuilds them.
+        drop_caches(self)
+        return super()._apply(fn, recurse)
 
     def set_backend(self, backend: str) -> MoCEIR:
         """Choose the kernels the model runs with: "auto" (per op, the fastest available for the

@@ -18,6 +18,7 @@ from torch import nn
 from moce_kernels import fused_pointwise, grouped_dwconv, grouped_pointwise
 from moce_kernels._backend import op_backend, resolve_backend, triton_usable
 from moceir.layers import tuning
+from moceir.layers.packing_cache import cached_packing
 
 if TYPE_CHECKING:
     from moceir.layers.norm import LayerNorm2d
@@ -26,13 +27,29 @@ if TYPE_CHECKING:
 class _AutocastOperands:
     def autocast_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x, weight, bias) as nn.Conv2d would compute with them: under autocast, in the autocast
-        dtype (differentiable casts: the float32 parameters get their gradients)."""
+        dtype (see :meth:`params_in`)."""
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+            x = x.to(dtype)
+            weight, bias = self.params_in(dtype)
         return x, weight, bias
+
+    def params_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) cast to ``dtype``: differentiable casts with gradients on (the float32
+        parameters get their gradients); without, the casts are kept between forwards while the
+        parameters are unchanged (``moceir.layers.packing_cache``)."""
+        weight, bias = self.weight, self.bias
+        if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+            return weight, bias
+        params = [weight] if bias is None else [weight, bias]
+        # A plain attribute, not a buffer: not in the state dict; made on first use.
+        cache = self.__dict__.setdefault("_casts", {})
+
+        def cast() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+        return cached_packing(cache, "autocast", params, dtype, cast)
 
 
 #: :meth:`PointwiseConv2d.attend` folds the attention map into the projection for images of at
@@ -302,11 +319,9 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
         """(weight, bias) as the convolution computes with them: under autocast, in its dtype. x
         stays as it is: fused_pointwise rounds its (normalised) values to the weight's dtype, as
         autocast rounds the convolution's input."""
-        weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-        return weight, bias
+            return self.params_in(torch.get_autocast_dtype(x.device.type))
+        return self.weight, self.bias
 
     def _fused_kernel(
         self, x: torch.Tensor, norm: LayerNorm2d | None, residual: torch.Tensor | None, backend: str

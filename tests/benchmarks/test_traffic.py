@@ -7,6 +7,7 @@ import re
 import pytest
 
 from benchmarks import traffic
+from moce_kernels._backend import is_available
 from tests.conftest import needs_triton_on_cpu
 
 
@@ -42,3 +43,13 @@ def test_composed_pairs_are_counted(capsys):
     assert composed["calls"] > separate["calls"] and composed["bytes"] != separate["bytes"]
     assert traffic.main(["--backends", "reference", "--batch", "1", "--size", "8", "--composed-pairs"]) == 0
     assert "attention pairs composed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not is_available("cpu"), reason="the C++ kernels are not built")
+def test_the_warm_forward_reuses_what_eval_keeps(capsys):
+    # The second forward reuses the packed experts and the autocast casts of the parameters.
+    args = ("cpu", "bf16-autocast", 1, 8, "sync_free", True, "cpu")
+    cold, warm = traffic.traffic(*args, cold=True), traffic.traffic(*args)
+    assert warm["calls"] < cold["calls"] and warm["bytes"] < cold["bytes"]
+    assert traffic.main(["--backends", "reference", "--batch", "1", "--size", "8", "--cold"]) == 0
+    assert "first (cold) forward" in capsys.readouterr().out

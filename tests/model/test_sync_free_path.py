@@ -9,6 +9,7 @@ import torch
 import moceir
 from moce_kernels._backend import is_available
 from moceir.layers import grouped_experts
+from moceir.layers.packing_cache import cached_value
 from tests.conftest import needs_triton_on_cpu
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
@@ -119,13 +120,13 @@ def test_eval_reuses_packed_parameters_until_a_weight_changes():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         first = model(x)
-        packed = adapter._packed["sync_free"][1]
+        packed = cached_value(adapter._packed, "sync_free")
         torch.testing.assert_close(model(x), first, atol=0, rtol=0)
-        assert adapter._packed["sync_free"][1] is packed, "a second eval forward packed again"
+        assert cached_value(adapter._packed, "sync_free") is packed, "a second eval forward packed again"
         for ex in adapter.experts:
             ex[0].proj[2].weight.mul_(2)  # in place: the cache must notice
         changed = model(x)
-    assert adapter._packed["sync_free"][1] is not packed
+    assert cached_value(adapter._packed, "sync_free") is not packed
     torch.testing.assert_close(changed, model.set_expert_path("per_expert")(x).detach(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(changed, first)
 
@@ -136,14 +137,14 @@ def test_per_expert_path_reuses_its_packed_depthwise_weights_in_eval():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         first = model(x)
-        packed = {name: adapter._packed[name][1] for name in ("q_dwconv", "kv_dwconv")}
+        packed = {name: cached_value(adapter._packed, name) for name in ("q_dwconv", "kv_dwconv")}
         torch.testing.assert_close(model(x), first, atol=0, rtol=0)
-        assert all(adapter._packed[name][1] is p for name, p in packed.items()), "packed again"
+        assert all(cached_value(adapter._packed, name) is p for name, p in packed.items()), "packed again"
         for ex in adapter.experts:
             ex[0].body.kv_dwconv.weight.mul_(2)  # in place: the cache must notice
         changed = model(x)
-        assert adapter._packed["q_dwconv"][1] is packed["q_dwconv"]
-        assert adapter._packed["kv_dwconv"][1] is not packed["kv_dwconv"]
+        assert cached_value(adapter._packed, "q_dwconv") is packed["q_dwconv"]
+        assert cached_value(adapter._packed, "kv_dwconv") is not packed["kv_dwconv"]
         for a in model.adapters():
             a._packed.clear()
         fresh = model(x)  # everything packed anew

@@ -1,0 +1,119 @@
+"""Eval under autocast: the trunk's convolutions cast their parameters to the autocast dtype once
+and reuse the casts between forwards (``moceir.layers.packing_cache``) while the parameters are
+unchanged; with gradients on they cast at every call, inside the autograd graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moceir
+from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
+from moceir.layers.packing_cache import CACHE_ATTRIBUTES
+from tests.conftest import needs_triton_on_cpu
+
+SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)
+BACKENDS = [pytest.param("triton", marks=needs_triton_on_cpu)]
+
+
+class _CastCounter(TorchDispatchMode):
+    """Counts ``_to_copy`` calls whose input is one of ``watched`` (by storage address)."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_to_copy" and args[0].data_ptr() in self.watched:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(backend: str) -> moceir.MoCEIR:
+    torch.manual_seed(0)
+    model = moceir.build_model("moce_ir_s", backend=backend, **SMALL).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _conv_parameters(model: moceir.MoCEIR) -> set[int]:
+    return {
+        p.data_ptr()
+        for m in model.modules()
+        if isinstance(m, (PointwiseConv2d, DepthwiseConv2d))
+        for p in m.parameters(recurse=False)
+    }
+
+
+def _caches(model: moceir.MoCEIR) -> int:
+    return sum(len(m.__dict__.get(name) or ()) for m in model.modules() for name in CACHE_ATTRIBUTES)
+
+
+def _infer(model: moceir.MoCEIR, x: torch.Tensor, counter: _CastCounter | None = None) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        if counter is None:
+            return model(x)
+        with counter:
+            return model(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_casts_the_parameters_once(backend):
+    model = _model(backend)
+    x = torch.rand(1, 3, 16, 16)
+    first = _CastCounter(_conv_parameters(model))
+    want = _infer(model, x, first)
+    assert first.casts > 50  # the trunk's convolutions cast their weights and biases
+    second = _CastCounter(_conv_parameters(model))
+    got = _infer(model, x, second)
+    assert second.casts == 0
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # The same bits as a forward that casts as it goes (gradients on: nothing is kept).
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.testing.assert_close(model(x).detach(), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changed_or_replaced_parameters_are_cast_again(backend):
+    model = _model(backend)
+    x = torch.rand(1, 3, 16, 16)
+    before = _infer(model, x)
+    convs = [m for m in model.modules() if isinstance(m, PointwiseConv2d)]
+    conv = convs[len(convs) // 2]
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # in place: a new version
+    changed = _infer(model, x)
+    assert not torch.equal(changed, before)
+    fresh = _model(backend)
+    with torch.no_grad():
+        dict(fresh.named_modules())[_name_of(model, conv)].weight.mul_(1.5)
+    torch.testing.assert_close(changed, _infer(fresh, x), atol=0, rtol=0)
+    # Replaced by new tensors (assign=True): the casts of the old ones are not used.
+    state = {k: v * 0.5 if v.is_floating_point() else v for k, v in _model(backend).state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(_infer(model, x), _infer(fresh, x), atol=0, rtol=0)
+
+
+def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_keeps_no_casts_and_moving_the_model_drops_them(backend):
+    model = _model(backend).train()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x).float().mean().backward()
+    assert _caches(model) == 0, "a forward with gradients must not cache"
+    assert all(
+        p.grad is not None for m in model.modules() if isinstance(m, DepthwiseConv2d) for p in m.parameters()
+    )
+    _infer(model.eval(), x)
+    assert _caches(model) > 0
+    model.to(torch.float32)  # a no-op conversion still goes through _apply
+    assert _caches(model) == 0
