@@ -95,15 +95,13 @@ class DepthwiseConv2d(_AutocastOperands, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = op_backend("grouped_dwconv", self.backend)
+        # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's own
+        # behaviour and errors; the operands are cast only past this check (nn.Conv2d casts its
+        # own under autocast: casting here too would charge the reference a copy it never makes).
+        if backend == "reference" or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return super().forward(x)
         xc, weight, bias = self.autocast_operands(x)
-        if (
-            backend == "reference"
-            or x.dim() != 4
-            or x.shape[1] != self.in_channels
-            or xc.dtype != weight.dtype
-        ):
-            # The reference path (and inputs grouped_dwconv does not take) keep nn.Conv2d's
-            # own behaviour and errors.
+        if xc.dtype != weight.dtype:
             return super().forward(x)
         resolved = resolve_backend("grouped_dwconv", "auto", x.device) if backend == "auto" else backend
         if backend == "auto" and x.is_cuda and resolved != "reference" and tuning.in_use(x):

@@ -117,3 +117,32 @@ def test_training_keeps_no_casts_and_moving_the_model_drops_them(backend):
     assert _caches(model) > 0
     model.to(torch.float32)  # a no-op conversion still goes through _apply
     assert _caches(model) == 0
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "conv", [DepthwiseConv2d(8, 3, bias=True), PointwiseConv2d(8, 16)], ids=lambda c: type(c).__name__
+)
+def test_the_reference_backend_runs_exactly_nn_conv2d(conv):
+    # Under autocast too: no cast of ours ahead of nn.Conv2d's own (the reference's cost).
+    conv.backend = "reference"
+    plain = torch.nn.Conv2d(8, conv.out_channels, conv.kernel_size, padding=conv.padding, groups=conv.groups)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.rand(2, 8, 5, 6)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+            with _OpCounter() as ours:
+                got = conv(x)
+            with _OpCounter() as theirs:
+                want = plain(x)
+        assert ours.ops == theirs.ops
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
