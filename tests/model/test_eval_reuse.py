@@ -1,6 +1,9 @@
-"""Eval under autocast: the trunk's convolutions cast their parameters to the autocast dtype once
+"""What forwards reuse instead of remaking at every call.
+
+Eval under autocast: the trunk's convolutions cast their parameters to the autocast dtype once
 and reuse the casts between forwards (``moceir.layers.packing_cache``) while the parameters are
-unchanged; with gradients on they cast at every call, inside the autograd graph."""
+unchanged; with gradients on they cast at every call, inside the autograd graph. And the
+convolutions' one-group offsets, kept per batch size (not while compiling or capturing)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moceir
+from moce_kernels._backend import is_available
+from moceir.layers import conv as conv_module
 from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
 from moceir.layers.packing_cache import CACHE_ATTRIBUTES
 from tests.conftest import needs_triton_on_cpu
@@ -146,3 +151,57 @@ def test_the_reference_backend_runs_exactly_nn_conv2d(conv):
                 want = plain(x)
         assert ours.ops == theirs.ops
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_one_group_offsets_are_kept_per_batch_size():
+    x = torch.empty(5, 2, 3, 3)
+    first = conv_module._one_group(x)
+    assert first.tolist() == [0, 5]
+    assert conv_module._one_group(x) is first
+    assert conv_module._one_group(torch.empty(7, 2, 3, 3)).tolist() == [0, 7]
+    with torch.inference_mode():
+        made_in_inference = conv_module._one_group(torch.empty(9, 2, 3, 3))
+    assert not made_in_inference.is_inference()  # a later training step may save it for backward
+
+
+@pytest.mark.skipif(not is_available("cpu"), reason="the C++ kernels are not built")
+def test_training_after_inference_mode_uses_the_kept_offsets():
+    model = _model("cpu")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x).mean().backward()  # the offsets made under inference_mode are saved for backward
+    assert all(
+        p.grad is not None for m in model.modules() if isinstance(m, DepthwiseConv2d) for p in m.parameters()
+    )
+
+
+def test_compiling_or_capturing_makes_fresh_offsets(monkeypatch):
+    x = torch.empty(3, 2, 3, 3)
+    kept = conv_module._one_group(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    fresh = conv_module._one_group(x)
+    assert fresh is not kept and fresh.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        *BACKENDS,
+        pytest.param(
+            "cpu", marks=pytest.mark.skipif(not is_available("cpu"), reason="the C++ kernels are not built")
+        ),
+    ],
+)
+def test_casts_kept_under_inference_mode_serve_no_grad_and_leave_training_alone(backend):
+    model = _model(backend)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        first = model(x)
+    no_grad = _infer(model, x)  # served the casts made under inference_mode
+    with torch.autocast("cpu", torch.bfloat16):
+        trained = model(x)
+        trained.float().mean().backward()
+    torch.testing.assert_close(no_grad, first, atol=0, rtol=0)
+    torch.testing.assert_close(trained.detach(), first, atol=0, rtol=0)
