@@ -13,6 +13,7 @@ from moce_kernels._backend import op_backend
 from moceir.layers.conv import PointwiseConv2d
 from moceir.layers.experts import ComplexityExpert, run_experts
 from moceir.layers.grouped_experts import run_experts_grouped
+from moceir.layers.packing_cache import EvalCache
 
 #: How an adapter runs its experts (``MoCELayer.expert_path``).
 EXPERT_PATHS = ("auto", "per_expert", "sync_free")
@@ -95,7 +96,7 @@ class MoCELayer(nn.Module):
         self.eval_noise = eval_noise
         self.backend = "auto"
         self.expert_path = "auto"
-        self._packed: dict = {}  # packed expert parameters kept between eval forwards (both paths)
+        self._packed = EvalCache()  # packed expert parameters kept between eval forwards (both paths)
         # The extra ModuleList level reproduces the official keys ``experts.<e>.0.*``.
         self.experts = nn.ModuleList(
             nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patch_sizes, strict=True)

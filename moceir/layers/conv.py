@@ -19,7 +19,7 @@ from torch import nn
 from moce_kernels import fused_pointwise, grouped_dwconv, grouped_pointwise
 from moce_kernels._backend import op_backend, resolve_backend, triton_usable
 from moceir.layers import tuning
-from moceir.layers.packing_cache import cached_packing
+from moceir.layers.packing_cache import EvalCache, cached_packing
 
 if TYPE_CHECKING:
     from moceir.layers.norm import LayerNorm2d
@@ -45,7 +45,9 @@ class _AutocastOperands:
             return weight, bias
         params = [weight] if bias is None else [weight, bias]
         # A plain attribute, not a buffer: not in the state dict; made on first use.
-        cache = self.__dict__.setdefault("_casts", {})
+        cache = self.__dict__.get("_casts")
+        if cache is None:
+            cache = self.__dict__["_casts"] = EvalCache()
 
         def cast() -> tuple[torch.Tensor, torch.Tensor | None]:
             return weight.to(dtype), None if bias is None else bias.to(dtype)

@@ -25,11 +25,22 @@ import torch
 T = TypeVar("T")
 
 
+class EvalCache(dict):
+    """A module's cache of what its eval forwards keep. Never saved or copied with the module:
+    pickling (``torch.save(model)``) or deep-copying it gives an empty cache, rebuilt from the
+    parameters at the next eval forward (the entries hold weak references, which cannot be
+    pickled, and would name the original's parameters in a copy)."""
+
+    def __reduce__(self):
+        return (EvalCache, ())
+
+
 def cached_packing(
     cache: dict | None, name: str, params: Iterable[torch.Tensor], dtype: torch.dtype, build: Callable[[], T]
 ) -> T:
-    """``build()``, or what it returned last time for ``name`` when the cache may serve (see the
-    module docstring) and ``params`` (the tensors it packs) and ``dtype`` are unchanged."""
+    """``build()``, or what it returned last time for ``name`` when the cache (an
+    :class:`EvalCache`) may serve (see the module docstring) and ``params`` (the tensors it
+    packs) and ``dtype`` are unchanged."""
     if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return build()
     # Checked after is_compiling, so that Dynamo never traces the capture query.

@@ -7,6 +7,8 @@ convolutions' one-group offsets, kept per batch size (not while compiling or cap
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +22,7 @@ from tests.conftest import needs_triton_on_cpu
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)
 BACKENDS = [pytest.param("triton", marks=needs_triton_on_cpu)]
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(not is_available("cpu"), reason="C++ kernels not built"))
 
 
 class _CastCounter(TorchDispatchMode):
@@ -164,9 +167,9 @@ def test_one_group_offsets_are_kept_per_batch_size():
     assert not made_in_inference.is_inference()  # a later training step may save it for backward
 
 
-@pytest.mark.skipif(not is_available("cpu"), reason="the C++ kernels are not built")
-def test_training_after_inference_mode_uses_the_kept_offsets():
-    model = _model("cpu")
+@pytest.mark.parametrize("backend", [CPU])
+def test_training_after_inference_mode_uses_the_kept_offsets(backend):
+    model = _model(backend)
     x = torch.rand(2, 3, 16, 16)
     with torch.inference_mode():
         model(x)
@@ -185,15 +188,7 @@ def test_compiling_or_capturing_makes_fresh_offsets(monkeypatch):
     assert fresh is not kept and fresh.tolist() == [0, 3]
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        *BACKENDS,
-        pytest.param(
-            "cpu", marks=pytest.mark.skipif(not is_available("cpu"), reason="the C++ kernels are not built")
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", [*BACKENDS, CPU])
 def test_casts_kept_under_inference_mode_serve_no_grad_and_leave_training_alone(backend):
     model = _model(backend)
     x = torch.rand(1, 3, 16, 16)
@@ -205,3 +200,21 @@ def test_casts_kept_under_inference_mode_serve_no_grad_and_leave_training_alone(
         trained.float().mean().backward()
     torch.testing.assert_close(no_grad, first, atol=0, rtol=0)
     torch.testing.assert_close(trained.detach(), first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [CPU])
+def test_a_model_with_kept_casts_pickles_and_copies_without_them(backend, tmp_path):
+    model = _model(backend).set_expert_path("sync_free")
+    x = torch.rand(1, 3, 16, 16)
+    want = _infer(model, x)
+    assert _caches(model) > 0
+    torch.save(model, tmp_path / "model.pt")  # the whole module, caches and all
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    copied = copy.deepcopy(model)
+    assert _caches(loaded) == 0 and _caches(copied) == 0
+    torch.testing.assert_close(_infer(loaded, x), want, atol=0, rtol=0)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.mul_(0.5)
+    assert not torch.equal(_infer(copied, x), want)
+    torch.testing.assert_close(_infer(model, x), want, atol=0, rtol=0)  # the original is untouched
