@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from moceir.layers import tuning
 from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d, tuning_key
+from moceir.layers.packing_cache import cached_packing
 
 if TYPE_CHECKING:
     from moceir.layers.norm import LayerNorm2d
@@ -100,11 +101,30 @@ def composed_conv(x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: Depthw
             f"depthwise must be a depthwise convolution over pointwise's {pointwise.out_channels} output "
             f"channels, got {depthwise.in_channels} channels in {depthwise.groups} groups"
         )
-    weight, bias = composed_weights(pointwise, depthwise)
+    weight, bias = _kept_composed_weights(x, pointwise, depthwise)
     y = F.conv2d(x, weight, bias, padding=depthwise.padding)
     if pointwise.bias is not None:
         y = correct_border(y, pointwise.bias, depthwise.weight)
     return y
+
+
+def _kept_composed_weights(
+    x: torch.Tensor, pointwise: PointwiseConv2d, depthwise: DepthwiseConv2d
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`composed_weights`, under autocast cast to its dtype (as F.conv2d would cast them),
+    kept between eval forwards in the 1x1 convolution's cache (``moceir.layers.packing_cache``):
+    an eval forward then makes no weight product and no cast."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else pointwise.weight.dtype
+    params = [p for m in (pointwise, depthwise) for p in (m.weight, m.bias) if p is not None]
+
+    def build() -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = composed_weights(pointwise, depthwise)
+        if autocast:
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        return weight, bias
+
+    return cached_packing(pointwise.eval_cache(), "composed", params, dtype, build)
 
 
 def pointwise_then_depthwise(

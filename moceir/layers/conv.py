@@ -44,15 +44,19 @@ class _AutocastOperands:
         if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
             return weight, bias
         params = [weight] if bias is None else [weight, bias]
-        # A plain attribute, not a buffer: not in the state dict; made on first use.
-        cache = self.__dict__.get("_casts")
-        if cache is None:
-            cache = self.__dict__["_casts"] = EvalCache()
 
         def cast() -> tuple[torch.Tensor, torch.Tensor | None]:
             return weight.to(dtype), None if bias is None else bias.to(dtype)
 
-        return cached_packing(cache, "autocast", params, dtype, cast)
+        return cached_packing(self.eval_cache(), "autocast", params, dtype, cast)
+
+    def eval_cache(self) -> EvalCache:
+        """What this convolution's eval forwards keep (``moceir.layers.packing_cache``): a plain
+        attribute, not in the state dict, made on first use."""
+        cache = self.__dict__.get("_casts")
+        if cache is None:
+            cache = self.__dict__["_casts"] = EvalCache()
+        return cache
 
 
 #: :meth:`PointwiseConv2d.attend` folds the attention map into the projection for images of at

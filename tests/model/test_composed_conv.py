@@ -229,3 +229,27 @@ def test_mismatched_layers_are_refused_by_name():
         compose(torch.randn(1, 4, 5, 5), pw, wrong)
     with pytest.raises(RuntimeError, match="channels"):  # x of the wrong width: F.conv2d's own error
         compose(torch.randn(1, 3, 5, 5), pw, dw)
+
+
+def test_eval_keeps_the_composed_weights_until_a_parameter_changes(monkeypatch):
+    made = []
+    real = composed_conv.composed_weights
+    monkeypatch.setattr(composed_conv, "composed_weights", lambda *a: made.append(1) or real(*a))
+    attn = _perturbed(Attention(8, 2, True)).float()  # autocast casts float32, not float64
+    x = torch.randn(2, 8, 6, 5)
+    with composed_conv.always_composed():
+        with torch.autocast("cpu", torch.bfloat16):
+            trained = attn(x)  # gradients on: made at every call
+            attn(x)
+        assert len(made) == 2
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            first, second = attn(x), attn(x)
+        assert len(made) == 3  # the second eval forward reused the first's
+        torch.testing.assert_close(first, trained.detach(), atol=0, rtol=0)
+        torch.testing.assert_close(second, first, atol=0, rtol=0)
+        with torch.no_grad():
+            attn.qkv_dwconv.weight.mul_(2)  # in place: made again
+            changed = attn(x)
+            assert len(made) == 4
+            attn.qkv.eval_cache().clear()
+            torch.testing.assert_close(changed, attn(x), atol=0, rtol=0)
