@@ -11,7 +11,7 @@ of one with a longer grid fails the test that made it, whatever its size.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,17 +46,16 @@ def one_dimensional_grids() -> Iterator[None]:
     original = KernelInterface.__getitem__
 
     def checked(self, grid):
-        if callable(grid):
-            inner: Callable = grid
-
-            def grid(meta, _inner=inner, _kernel=self):
-                dims = _inner(meta)
-                check_grid(_kernel, dims)
-                return dims
-
-        else:
+        if not callable(grid):
             check_grid(self, grid)
-        return original(self, grid)
+            return original(self, grid)
+
+        def checked_grid(meta):
+            dims = grid(meta)
+            check_grid(self, dims)
+            return dims
+
+        return original(self, checked_grid)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(KernelInterface, "__getitem__", checked)

@@ -35,13 +35,13 @@ import triton
 import triton.language as tl
 
 from moce_kernels import _library, _triton_common
-from moce_kernels._triton_common import row_chunk
 from moce_kernels.layernorm2d import _autograd
 
 # Shared with the other Triton bindings (moce_kernels/_triton_common.py).
 _acc_dtype = _triton_common.acc_dtype
 _device_guard = _triton_common.device_guard
 _empty = _triton_common.empty
+_row_chunk = _triton_common.row_chunk
 
 #: Widest C whose [C, BLOCK_P] tile is held in registers (x read once); wider C loops over chunks.
 _SINGLE_TILE_MAX_C = 512
@@ -73,7 +73,7 @@ def layernorm2d_fwd_kernel(
     SINGLE_TILE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    batch, pid_p = row_chunk(TILES)
+    batch, pid_p = _row_chunk(TILES)
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
     pmask = pix < HW
     image = batch * C * HW
@@ -147,7 +147,7 @@ def layernorm2d_bwd_kernel(
     SINGLE_TILE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    batch, pid_p = row_chunk(TILES)
+    batch, pid_p = _row_chunk(TILES)
     part_row = (batch * TILES + pid_p) * C
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pix < HW

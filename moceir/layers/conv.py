@@ -19,7 +19,7 @@ from torch import nn
 from moce_kernels import fused_pointwise, grouped_dwconv, grouped_pointwise
 from moce_kernels._backend import op_backend, resolve_backend, triton_usable
 from moceir.layers import tuning
-from moceir.layers.packing_cache import EvalCache, cached_packing
+from moceir.layers.packing_cache import EvalCache, cached_packing, compiling_or_capturing
 
 if TYPE_CHECKING:
     from moceir.layers.norm import LayerNorm2d
@@ -70,7 +70,7 @@ def _one_group(x: torch.Tensor) -> torch.Tensor:
     device): two launches fewer per convolution call (some 280 of the ~1,400 kernel launches of
     a MoCE-IR-S forward). A graph makes its own, so that it never reads memory the cache may
     free."""
-    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if compiling_or_capturing():
         return torch.arange(2, device=x.device) * x.shape[0]
     return _group_offsets(x.shape[0], x.device)
 

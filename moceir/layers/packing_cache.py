@@ -41,10 +41,7 @@ def cached_packing(
     """``build()``, or what it returned last time for ``name`` when the cache (an
     :class:`EvalCache`) may serve (see the module docstring) and ``params`` (the tensors it
     packs) and ``dtype`` are unchanged."""
-    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return build()
-    # Checked after is_compiling, so that Dynamo never traces the capture query.
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if cache is None or torch.is_grad_enabled() or compiling_or_capturing():
         return build()
     params = list(params)
     key = (dtype, *((p.data_ptr(), p._version) for p in params))
@@ -56,6 +53,14 @@ def cached_packing(
     if stale or any(ref() is not p for ref, p in zip(entry[1], params, strict=True)):
         entry = cache[name] = (key, [weakref.ref(p) for p in params], build())
     return entry[2]
+
+
+def compiling_or_capturing() -> bool:
+    """Whether torch.compile traces or a CUDA graph is being captured: then nothing is kept."""
+    # is_compiling first, so that Dynamo never traces the capture query.
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def cached_value(cache: dict, name: str):

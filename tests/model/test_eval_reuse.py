@@ -19,6 +19,7 @@ from moceir.layers import conv as conv_module
 from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d
 from moceir.layers.packing_cache import CACHE_ATTRIBUTES
 from tests.conftest import needs_triton_on_cpu
+from tests.model.conftest import perturbed_model
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)
 BACKENDS = [pytest.param("triton", marks=needs_triton_on_cpu)]
@@ -40,12 +41,7 @@ class _CastCounter(TorchDispatchMode):
 
 
 def _model(backend: str) -> moceir.MoCEIR:
-    torch.manual_seed(0)
-    model = moceir.build_model("moce_ir_s", backend=backend, **SMALL).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturbed_model(backend, **SMALL).eval()
 
 
 def _conv_parameters(model: moceir.MoCEIR) -> set[int]:

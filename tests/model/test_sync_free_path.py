@@ -11,6 +11,7 @@ from moce_kernels._backend import is_available
 from moceir.layers import grouped_experts
 from moceir.layers.packing_cache import cached_value
 from tests.conftest import needs_triton_on_cpu
+from tests.model.conftest import perturbed_model
 
 SMALL = dict(num_blocks=(1, 1, 1, 1), num_dec_blocks=(2, 1, 1), num_refinement_blocks=1)
 
@@ -21,12 +22,7 @@ BACKENDS = [
 
 
 def _model(**overrides) -> moceir.MoCEIR:
-    torch.manual_seed(0)
-    model = moceir.build_model("moce_ir_s", backend="reference", **{**SMALL, **overrides})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturbed_model(**{**SMALL, **overrides})
 
 
 def _run(model, x, path: str, train: bool):
