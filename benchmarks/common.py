@@ -45,6 +45,7 @@ OPS = (
     "layernorm2d",
     "patch_fft_conv",
     "qk_gram",
+    "channel_attention_map",
 )
 #: Concrete non-reference backends, in the order they are reported.
 FAST_BACKENDS = ("triton", "cuda", "cpu")

@@ -633,6 +633,33 @@ def bench_qk_gram(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def bench_channel_attention_map(sizes: Sizes, device, dtype) -> list[Bench]:
+    """Channel attention's whole map (q k^T, the norms, the temperature, the softmax) at each
+    level, heads as in ``bench_qk_gram``."""
+    out = []
+    for level, (width, side) in sizes.levels.items():
+        heads = max(1, width // 32)
+        shape = (sizes.batch, heads, width // heads, side * side)
+        q, k = _rand(shape, device, dtype), _rand(shape, device, dtype)
+        t = torch.ones(heads, 1, 1, device=device, dtype=torch.float32)
+        fl = 2.0 * q.numel() * (shape[2] + 1)
+        out.append(
+            Bench(
+                op="channel_attention_map",
+                case=level,
+                shape=list(shape),
+                forward=lambda p, q=q, k=k, t=t: moce_kernels.channel_attention_map(q, k, t, backend=p),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[q, k],
+                # As qk_gram: q and k read (the maps are small); backward: read again, grads written.
+                bytes_moved=_with_full(nbytes(q, k), 2 * nbytes(q, k)),
+                flops=_full_flops(fl, 2 * fl),
+            )
+        )
+    return out
+
+
 def bench_grouped_patch_fft_conv(sizes: Sizes, device, dtype) -> list[Bench]:
     """The sync-free expert path's FFT product, every expert at its own patch size in one call
     (k = 1; ranks C/8 .. C with patch sizes 4 .. 32 for C = ``sizes.expert_width``, at the widest
@@ -683,6 +710,7 @@ SETUPS = {
     "layernorm2d": bench_layernorm2d,
     "patch_fft_conv": bench_patch_fft_conv,
     "qk_gram": bench_qk_gram,
+    "channel_attention_map": bench_channel_attention_map,
 }
 assert tuple(SETUPS) == OPS, "every op of benchmarks.common.OPS has a setup, in that order"
 

@@ -6,6 +6,7 @@ public function validates arguments and runs the backend chosen by ``backend=``.
 
 from moce_kernels._backend import BACKENDS
 from moce_kernels._extension import build_summary
+from moce_kernels.channel_attention_map import channel_attention_map
 from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
 from moce_kernels.dispatch_pointwise import dispatch_pointwise
@@ -26,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "RoutingPlan",
     "build_summary",
+    "channel_attention_map",
     "combine",
     "dispatch",
     "dispatch_pointwise",

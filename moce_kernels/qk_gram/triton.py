@@ -248,8 +248,10 @@ def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]
     return t, (t.stride(0), t.stride(1), t.stride(2))
 
 
-def qk_gram_fwd(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gram [B, heads, D, D], q_sq, k_sq [B, heads, D]) in the accumulation dtype."""
+def gram_partials(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The forward kernel's per-split sums: (gram [B * heads, SPLITS, D, D], q_sq, k_sq
+    [B * heads, SPLITS, D]) in the accumulation dtype, to be added over dimension 1 in order; None
+    when there is nothing to sum (no image, head or pixel: the sums are zeros)."""
     B, heads, D, N = q.shape
     acc_torch, acc_tl = _acc_dtype(q, k)
     q, q_strides = _pixel_strides(q)
@@ -258,8 +260,7 @@ def qk_gram_fwd(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.T
     tiles = triton.cdiv(D, config["BLOCK_D"])
     programs = B * heads * tiles * tiles
     if programs == 0 or N == 0:
-        zeros = functools.partial(torch.zeros, dtype=acc_torch, device=q.device)
-        return zeros((B, heads, D, D)), zeros((B, heads, D)), zeros((B, heads, D))
+        return None
     splits, per_split = _splits(programs, triton.cdiv(N, config["BLOCK_N"]), q.device)
     gram = _empty((B * heads, splits, D, D), acc_torch, q.device)
     q_sq = _empty((B * heads, splits, D), acc_torch, q.device)
@@ -270,7 +271,19 @@ def qk_gram_fwd(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.T
             USE_DOT=q.dtype != torch.float64, DOT_UPCAST=_interpreted() and q.dtype == torch.bfloat16,
             ACC=acc_tl, **config,
         )  # fmt: skip
-        if splits > 1:
+    return gram, q_sq, k_sq
+
+
+def qk_gram_fwd(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gram [B, heads, D, D], q_sq, k_sq [B, heads, D]) in the accumulation dtype."""
+    B, heads, D, _ = q.shape
+    partials = gram_partials(q, k)
+    if partials is None:
+        zeros = functools.partial(torch.zeros, dtype=_acc_dtype(q, k)[0], device=q.device)
+        return zeros((B, heads, D, D)), zeros((B, heads, D)), zeros((B, heads, D))
+    gram, q_sq, k_sq = partials
+    if gram.shape[1] > 1:
+        with _device_guard(q):
             gram, q_sq, k_sq = gram.sum(1), q_sq.sum(1), k_sq.sum(1)
     return gram.view(B, heads, D, D), q_sq.view(B, heads, D), k_sq.view(B, heads, D)
 

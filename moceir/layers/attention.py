@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moce_kernels._backend import op_backend, resolve_backend
+from moce_kernels.channel_attention_map import channel_attention_map as fused_attention_map
 from moce_kernels.dwconv_gate_pointwise import dwconv_gate_pointwise
 from moce_kernels.dwconv_gelu_gate import dwconv_gelu_gate
-from moce_kernels.qk_gram import qk_gram
 from moceir.layers import tuning
 from moceir.layers.composed_conv import pointwise_then_depthwise
 from moceir.layers.conv import DepthwiseConv2d, PointwiseConv2d, apply_attention, tuning_key
@@ -48,19 +48,17 @@ def channel_attention_map(
     tensors, and their backward): 1.4x forward + backward at MoCE-IR-S's 128 x 128 level on
     the CPU, equal to float64 rounding. Only where the unnormalised product cannot overflow:
     float16 keeps the official form (see :func:`can_fold_norms`). With ``backend`` (the model's)
-    giving ``moce_kernels.qk_gram`` a kernel (Triton: "auto" on a GPU, "triton"), the product
-    and both norms come from one pass over q and k, summed in float32, and the map comes in
-    float32 (the caller casts it to v's dtype for ``attn @ v``, as the matmul form computes it).
+    giving ``moce_kernels.channel_attention_map`` a kernel (Triton: "auto" on a GPU, "triton"),
+    the whole map comes from that op: the product and both norms from one pass over q and k,
+    summed in float32, then one kernel for the norms, the temperature and the softmax (two
+    launches forward, where these torch ops take about a dozen); the map comes in float32 (the
+    caller casts it to v's dtype for ``attn @ v``, as the matmul form computes it).
     """
     b, c, h, w = q.shape
     q, k = (t.reshape(b, heads, c // heads, h * w) for t in (q, k))
-    gram_backend = _gram_backend(backend, q, k) if fold_norms else "reference"
-    if gram_backend != "reference":
-        gram, q_sq, k_sq = qk_gram(q, k, backend=gram_backend)
-        # max(|x|, eps) as F.normalize divides by (eps 1e-12).
-        q_norm = q_sq.sqrt().clamp_min(1e-12).unsqueeze(-1)
-        k_norm = k_sq.sqrt().clamp_min(1e-12).unsqueeze(-2)
-        return (gram / (q_norm * k_norm) * temperature).softmax(dim=-1)
+    map_backend = _map_backend(backend, q, k) if fold_norms else "reference"
+    if map_backend != "reference":
+        return fused_attention_map(q, k, temperature, backend=map_backend)
     if fold_norms:
         # max(|x|, eps) as F.normalize divides by (eps 1e-12).
         q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -74,12 +72,12 @@ def channel_attention_map(
     return attn.softmax(dim=-1)
 
 
-def _gram_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
-    """The concrete backend of ``qk_gram`` for a model on ``backend``; "reference" keeps the
-    matmul form (qk_gram's reference computes in float32 copies: no faster than that)."""
+def _map_backend(backend: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """The concrete backend of ``channel_attention_map`` for a model on ``backend``; "reference"
+    keeps the torch ops below (the op's reference computes in float32 copies: no faster)."""
     if q.dtype != k.dtype:
         return "reference"
-    return resolve_backend("qk_gram", op_backend("qk_gram", backend), q.device)
+    return resolve_backend("channel_attention_map", op_backend("channel_attention_map", backend), q.device)
 
 
 def can_fold_norms(backend: str, x: torch.Tensor) -> bool:

@@ -1,7 +1,7 @@
 """The channel attention with its L2 normalisation folded onto the small (C/heads)^2 map: the
-official function (forward and every gradient), with q k^T and the norms from the matmul form or
-from ``moce_kernels.qk_gram``'s kernel, taken by the fast backends only, never where float16 could
-overflow."""
+official function (forward and every gradient), with the map from torch ops or from
+``moce_kernels.channel_attention_map``'s kernels, taken by the fast backends only, never where
+float16 could overflow."""
 
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def test_modules_fold_from_their_convolution_backend(folds):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_folded_attention_on_the_gram_kernel_is_the_official_function(dtype):
-    """backend "triton" (the interpreter here): q k^T and the norms from moce_kernels.qk_gram."""
+def test_folded_attention_on_the_map_kernels_is_the_official_function(dtype):
+    """backend "triton" (the interpreter here): the map from moce_kernels.channel_attention_map."""
     usable, why = triton_usable("cpu")
     if not usable:
         pytest.skip(why)
@@ -122,11 +122,14 @@ def test_folded_attention_on_the_gram_kernel_is_the_official_function(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
-def test_who_uses_the_gram_kernel(monkeypatch):
-    """The modules pass their backend on; the gram kernel runs only where qk_gram has one."""
+def test_who_uses_the_map_kernels(monkeypatch):
+    """The modules pass their backend on; the map's kernels run only where
+    moce_kernels.channel_attention_map has them."""
     calls = []
-    real = attention.qk_gram
-    monkeypatch.setattr(attention, "qk_gram", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    real = attention.fused_attention_map
+    monkeypatch.setattr(
+        attention, "fused_attention_map", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw)
+    )
     x = torch.rand(1, 8, 5, 6)
     module = Attention(8, 2, True)
     for backend in ("reference", "cpu", "auto"):  # on the CPU: no gram kernel
@@ -145,7 +148,7 @@ def test_who_uses_the_gram_kernel(monkeypatch):
         assert calls == ["triton"]
 
 
-def test_gram_kernel_path_in_a_bf16_model_returns_bf16():
+def test_map_kernel_path_in_a_bf16_model_returns_bf16():
     """A model cast to bf16 (no autocast): the float32 map goes back to v's dtype for attn @ v."""
     usable, why = triton_usable("cpu")
     if not usable:

@@ -284,3 +284,21 @@ def test_dwconv_gate_pointwise(backend, shape, c_out, kernel, dtype, kind, data)
     out = mk.dwconv_gate_pointwise(layout(x, kind), *args, residual=residual, backend=backend)
     ref = mk.dwconv_gate_pointwise(x, *args, residual=residual, backend="reference")
     close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("channel_attention_map"))
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(1, 40), st.integers(0, 300)),
+    dtype=DTYPES,
+    data=st.data(),
+)
+def test_channel_attention_map(backend, shape, dtype, data):
+    """The map (probabilities in float32) for q, k read as chunks of one qkv tensor (strided)."""
+    batch, heads, d, n = shape
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    qkv = torch.randn(batch, 3, heads, d, n, generator=g).to(dtype)
+    q, k = qkv[:, 0], qkv[:, 1]
+    t = torch.rand(heads, 1, 1, generator=g) * 2 + 0.25
+    out = mk.channel_attention_map(q, k, t, backend=backend)
+    ref = mk.channel_attention_map(q, k, t, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
