@@ -46,6 +46,7 @@ OPS = (
     "patch_fft_conv",
     "qk_gram",
     "channel_attention_map",
+    "attention_projection_fold",
 )
 #: Concrete non-reference backends, in the order they are reported.
 FAST_BACKENDS = ("triton", "cuda", "cpu")

@@ -660,6 +660,37 @@ def bench_channel_attention_map(sizes: Sizes, device, dtype) -> list[Bench]:
     return out
 
 
+def bench_attention_projection_fold(sizes: Sizes, device, dtype) -> list[Bench]:
+    """The attention's project_out folded with each image's map at each level (heads as in
+    ``bench_qk_gram``): W [C, C] in the benchmark's dtype, the maps in float32."""
+    out = []
+    for level, (width, _) in sizes.levels.items():
+        heads = max(1, width // 32)
+        d = width // heads
+        weight = _rand((width, width), device, dtype)
+        attn = torch.rand(sizes.batch, heads, d, d, device=device).softmax(-1)
+        folded_bytes = sizes.batch * width * width * weight.element_size()
+        fl = 2.0 * sizes.batch * width * width * d
+        out.append(
+            Bench(
+                op="attention_projection_fold",
+                case=level,
+                shape=[sizes.batch, width, heads, d],
+                forward=lambda p, w=weight, a=attn: moce_kernels.attention_projection_fold(w, a, backend=p),
+                diff_outputs=lambda o: [o],
+                all_outputs=lambda o: [o],
+                inputs=[weight],
+                # forward: W and the maps in, W_b out; backward: grad W_b, W and the maps in, their
+                # gradients out.
+                bytes_moved=_with_full(
+                    nbytes(weight, attn) + folded_bytes, folded_bytes + 2 * nbytes(weight, attn)
+                ),
+                flops=_full_flops(fl, 2 * fl),
+            )
+        )
+    return out
+
+
 def bench_grouped_patch_fft_conv(sizes: Sizes, device, dtype) -> list[Bench]:
     """The sync-free expert path's FFT product, every expert at its own patch size in one call
     (k = 1; ranks C/8 .. C with patch sizes 4 .. 32 for C = ``sizes.expert_width``, at the widest
@@ -711,6 +742,7 @@ SETUPS = {
     "patch_fft_conv": bench_patch_fft_conv,
     "qk_gram": bench_qk_gram,
     "channel_attention_map": bench_channel_attention_map,
+    "attention_projection_fold": bench_attention_projection_fold,
 }
 assert tuple(SETUPS) == OPS, "every op of benchmarks.common.OPS has a setup, in that order"
 

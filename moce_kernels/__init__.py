@@ -6,6 +6,7 @@ public function validates arguments and runs the backend chosen by ``backend=``.
 
 from moce_kernels._backend import BACKENDS
 from moce_kernels._extension import build_summary
+from moce_kernels.attention_projection_fold import attention_projection_fold
 from moce_kernels.channel_attention_map import channel_attention_map
 from moce_kernels.combine import combine
 from moce_kernels.dispatch import dispatch
@@ -26,6 +27,7 @@ from moce_kernels.route import RoutingPlan, route
 __all__ = [
     "BACKENDS",
     "RoutingPlan",
+    "attention_projection_fold",
     "build_summary",
     "channel_attention_map",
     "combine",

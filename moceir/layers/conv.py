@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moce_kernels import fused_pointwise, grouped_dwconv, grouped_pointwise
+from moce_kernels import attention_projection_fold, fused_pointwise, grouped_dwconv, grouped_pointwise
 from moce_kernels._backend import op_backend, resolve_backend, triton_usable
 from moceir.layers import tuning
 from moceir.layers.packing_cache import EvalCache, cached_packing, compiling_or_capturing
@@ -362,13 +362,15 @@ class PointwiseConv2d(_AutocastOperands, nn.Conv2d):
         self, v: torch.Tensor, attn: torch.Tensor, residual: torch.Tensor | None, backend: str
     ) -> torch.Tensor:
         weight, bias = self.product_operands(v)
-        batch, heads, d, _ = attn.shape
         with torch.autocast(v.device.type, enabled=False):
-            # W_b[o, (h, e)] = sum_d W[o, (h, d)] attn_b[h, d, e], in the product's dtype (the map
-            # rounded to it as for attn @ v; matmuls accumulate in float32 and round once).
-            folded = torch.einsum(
-                "ohd,bhde->bohe", weight.view(self.out_channels, heads, d), attn.to(weight.dtype)
-            ).reshape(batch, self.out_channels, self.in_channels)
+            # W_b = W @ blockdiag(attn_b) in the product's dtype (the map rounded to it as for
+            # attn @ v; summed in float32 and rounded once), one launch where it has a kernel.
+            fold_backend = resolve_backend(
+                "attention_projection_fold", op_backend("attention_projection_fold", self.backend), v.device
+            )
+            folded = attention_projection_fold(
+                weight.view(self.out_channels, self.in_channels), attn, backend=fold_backend
+            )
             return fused_pointwise(v, folded, bias, residual=residual, backend=backend)
 
 

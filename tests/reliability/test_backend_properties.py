@@ -302,3 +302,22 @@ def test_channel_attention_map(backend, shape, dtype, data):
     out = mk.channel_attention_map(q, k, t, backend=backend)
     ref = mk.channel_attention_map(q, k, t, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("attention_projection_fold"))
+@given(
+    shape=st.tuples(st.integers(0, 40), st.integers(0, 3), st.integers(1, 4), st.integers(1, 20)),
+    dtype=DTYPES,
+    transposed=st.booleans(),
+    data=st.data(),
+)
+def test_attention_projection_fold(backend, shape, dtype, transposed, data):
+    """W_b for maps laid out either way (a transposed map is read in place)."""
+    c_out, batch, heads, d = shape
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    weight = torch.randn(c_out, heads * d, generator=g).to(dtype)
+    attn = torch.randn(batch, heads, d, d, generator=g).softmax(-1)
+    if transposed:
+        attn = attn.transpose(-2, -1).contiguous().transpose(-2, -1)
+    out = mk.attention_projection_fold(weight, attn, backend=backend)
+    close(out, mk.attention_projection_fold(weight, attn, backend="reference"), dtype)
