@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moce_kernels import _library
-from moce_kernels._triton_common import row_block, row_chunk
+from moce_kernels._triton_common import acc_dtype, row_block, row_chunk
 from moce_kernels.combine import _autograd
 from moce_kernels.dispatch.triton import as_rows, check_plan_index, from_rows
 from moce_kernels.route.reference import RoutingPlan
@@ -128,11 +128,6 @@ def combine_gates_bwd_kernel(
 # --- launchers ------------------------------------------------------------------------------
 
 
-def _acc(*tensors: torch.Tensor):
-    """float64 accumulation when any input is float64 (gradcheck), else float32."""
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
 def combine_fwd(y: torch.Tensor, gates: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """[B, F] in y's dtype from contiguous y [S, F], gates [B, K], inverse [S]."""
     slots, features = y.shape
@@ -142,8 +137,9 @@ def combine_fwd(y: torch.Tensor, gates: torch.Tensor, inverse: torch.Tensor) -> 
         return out
     block, warps = row_block(features)
     chunks = triton.cdiv(features, block)
+    acc = acc_dtype(y, gates)[1]
     combine_fwd_kernel[(batch * chunks,)](
-        y, gates, inverse, out, slots, features, k, chunks, ACC=_acc(y, gates), BLOCK_F=block, num_warps=warps
+        y, gates, inverse, out, slots, features, k, chunks, ACC=acc, BLOCK_F=block, num_warps=warps
     )
     return out
 
@@ -173,12 +169,12 @@ def combine_bwd(
         if need_gates:
             grad_gates.zero_()  # an empty dot product
         return grad_y, grad_gates
-    acc = _acc(y, gates, grad_out)
+    acc_torch, acc = acc_dtype(y, gates, grad_out)
     block, warps = row_block(features)
     num_chunks = triton.cdiv(features, block)
     partials = torch.empty(
         (slots, num_chunks) if need_gates else (0,),
-        dtype=torch.float64 if acc == tl.float64 else torch.float32,
+        dtype=acc_torch,
         device=dev,
     )
     combine_bwd_kernel[(slots * num_chunks,)](

@@ -321,3 +321,21 @@ def test_attention_projection_fold(backend, shape, dtype, transposed, data):
         attn = attn.transpose(-2, -1).contiguous().transpose(-2, -1)
     out = mk.attention_projection_fold(weight, attn, backend=backend)
     close(out, mk.attention_projection_fold(weight, attn, backend="reference"), dtype)
+
+
+@pytest.mark.parametrize("backend", backends_or_skip("qk_gram"))
+@given(
+    shape=st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(1, 40), st.integers(0, 300)),
+    dtype=DTYPES,
+    data=st.data(),
+)
+def test_qk_gram(backend, shape, dtype, data):
+    """q k^T and both squared norms (float32 sums) of q, k read as chunks of one qkv tensor."""
+    batch, heads, d, n = shape
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    qkv = torch.randn(batch, 3, heads, d, n, generator=g).to(dtype)
+    q, k = qkv[:, 0], qkv[:, 1]
+    outs, refs = mk.qk_gram(q, k, backend=backend), mk.qk_gram(q, k, backend="reference")
+    for out, ref in zip(outs, refs, strict=True):
+        # Sums of up to 300 products of N(0, 1) values: the order of the float32 sums differs.
+        torch.testing.assert_close(out, ref, atol=1e-4 * max(1, n) ** 0.5, rtol=1e-5)
