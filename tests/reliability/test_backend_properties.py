@@ -286,19 +286,28 @@ def test_dwconv_gate_pointwise(backend, shape, c_out, kernel, dtype, kind, data)
     close(out, ref, dtype)
 
 
+#: (B, heads, D, N) of channel attention's q and k: N = 0 and N past the interpreter's steps.
+QK_SHAPES = st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(1, 40), st.integers(0, 300))
+
+
+def qk_chunks(shape, dtype, g):
+    """q, k [B, heads, D, N] as channel attention reads them: chunks of one qkv tensor (strided)."""
+    batch, heads, d, n = shape
+    qkv = torch.randn(batch, 3, heads, d, n, generator=g).to(dtype)
+    return qkv[:, 0], qkv[:, 1]
+
+
 @pytest.mark.parametrize("backend", backends_or_skip("channel_attention_map"))
 @given(
-    shape=st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(1, 40), st.integers(0, 300)),
+    shape=QK_SHAPES,
     dtype=DTYPES,
     data=st.data(),
 )
 def test_channel_attention_map(backend, shape, dtype, data):
     """The map (probabilities in float32) for q, k read as chunks of one qkv tensor (strided)."""
-    batch, heads, d, n = shape
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    qkv = torch.randn(batch, 3, heads, d, n, generator=g).to(dtype)
-    q, k = qkv[:, 0], qkv[:, 1]
-    t = torch.rand(heads, 1, 1, generator=g) * 2 + 0.25
+    q, k = qk_chunks(shape, dtype, g)
+    t = torch.rand(shape[1], 1, 1, generator=g) * 2 + 0.25
     out = mk.channel_attention_map(q, k, t, backend=backend)
     ref = mk.channel_attention_map(q, k, t, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
@@ -325,17 +334,15 @@ def test_attention_projection_fold(backend, shape, dtype, transposed, data):
 
 @pytest.mark.parametrize("backend", backends_or_skip("qk_gram"))
 @given(
-    shape=st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(1, 40), st.integers(0, 300)),
+    shape=QK_SHAPES,
     dtype=DTYPES,
     data=st.data(),
 )
 def test_qk_gram(backend, shape, dtype, data):
     """q k^T and both squared norms (float32 sums) of q, k read as chunks of one qkv tensor."""
-    batch, heads, d, n = shape
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    qkv = torch.randn(batch, 3, heads, d, n, generator=g).to(dtype)
-    q, k = qkv[:, 0], qkv[:, 1]
+    q, k = qk_chunks(shape, dtype, g)
     outs, refs = mk.qk_gram(q, k, backend=backend), mk.qk_gram(q, k, backend="reference")
     for out, ref in zip(outs, refs, strict=True):
         # Sums of up to 300 products of N(0, 1) values: the order of the float32 sums differs.
-        torch.testing.assert_close(out, ref, atol=1e-4 * max(1, n) ** 0.5, rtol=1e-5)
+        torch.testing.assert_close(out, ref, atol=1e-4 * max(1, shape[3]) ** 0.5, rtol=1e-5)
